@@ -1,0 +1,248 @@
+"""One small error tree, translated to HTTP in exactly one place.
+
+Every error a client can see is a `RelayError` subclass that carries its HTTP
+status and the exact response body. The bodies are byte-for-byte those of the
+Go relay we are compatible with (see PROTOCOL.md), which is why there are
+three body shapes:
+
+* Go's ``http.Error`` text: ``text/plain; charset=utf-8``, ends in a newline;
+* the relay's literal JSON (``{"error":"..."}``, no newline), used on
+  ``/relay/{ticket}``;
+* the mint endpoint's JSON encoder output (``{"error":"..."}`` + newline).
+
+Core code raises; `protocol.py` catches `RelayError` once and writes
+``error.status`` and ``error.body()``. Errors that end a transfer after
+pairing (upload aborted, download aborted, idle) are also `RelayError`s so a
+library user sees one hierarchy on ``Relay.error``.
+"""
+
+from __future__ import annotations
+
+import json
+
+TEXT = "text/plain; charset=utf-8"
+JSON = "application/json"
+
+
+class RelayError(Exception):
+    """Root of every error fastrelay reports. ``status`` is the HTTP meaning."""
+
+    status = 500
+    content_type = JSON
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def body(self) -> bytes:
+        """The exact response body for this error."""
+        return json.dumps({"error": self.message}, separators=(",", ":")).encode()
+
+
+class TextError(RelayError):
+    """An error answered like Go's ``http.Error``: plain text plus a newline."""
+
+    content_type = TEXT
+
+    def body(self) -> bytes:
+        return self.message.encode() + b"\n"
+
+
+class MintError(RelayError):
+    """An error of the mint endpoint: JSON encoder output, newline-terminated."""
+
+    def body(self) -> bytes:
+        return super().body() + b"\n"
+
+
+# --- request-level errors (any path) -------------------------------------------
+
+
+class BadRequest(TextError):
+    status = 400
+
+    def __init__(self, message: str = "bad request") -> None:
+        super().__init__(message)
+
+
+class NotFound(TextError):
+    status = 404
+
+    def __init__(self) -> None:
+        super().__init__("404 page not found")
+
+
+class MethodNotAllowed(TextError):
+    status = 405
+
+    def __init__(self, allow: str = "GET, PUT") -> None:
+        super().__init__("method not allowed")
+        self.allow = allow
+
+
+class HeadTooLarge(TextError):
+    status = 431
+
+    def __init__(self) -> None:
+        super().__init__("request header fields too large")
+
+
+class NotImplementedFraming(TextError):
+    status = 501
+
+    def __init__(self) -> None:
+        super().__init__("unsupported transfer-encoding")
+
+
+# --- ticket errors (/relay/{ticket}, checks 1-4 of PROTOCOL.md) ------------------
+
+
+class Unauthorized(TextError):
+    status = 401
+
+    def __init__(self) -> None:
+        super().__init__("unauthorized")
+
+
+class TicketNotFound(TextError):
+    """Unknown, expired or already finished ticket (check 2)."""
+
+    status = 410
+
+    def __init__(self) -> None:
+        super().__init__("ticket not found or expired")
+
+
+class SideAlreadyClaimed(RelayError):
+    """This side is held by a live request (check 3)."""
+
+    status = 423
+
+    def __init__(self, side: str) -> None:
+        super().__init__(f"{side} side already claimed")
+        self.side = side
+
+
+class PairingTimeout(RelayError):
+    """``expires_at`` passed while this side waited (check 4)."""
+
+    status = 408
+
+    def __init__(self, waiting_for: str) -> None:
+        super().__init__(f"timed out waiting for {waiting_for} side")
+        self.waiting_for = waiting_for
+
+
+class Expired(RelayError):
+    """``Relay.error`` of a ticket whose pairing deadline passed (Go ErrTimeout)."""
+
+    status = 408
+
+    def __init__(self) -> None:
+        super().__init__("relay: timed out waiting for the other side")
+
+
+class ShuttingDown(RelayError):
+    status = 503
+
+    def __init__(self) -> None:
+        super().__init__("server shutting down")
+
+
+# --- transfer errors: they end a paired relay ------------------------------------
+
+
+class TransferError(RelayError):
+    """A paired transfer failed. ``bytes`` is what reached the destination."""
+
+    def __init__(self, message: str, forwarded: int = 0) -> None:
+        super().__init__(message)
+        self.forwarded = forwarded
+
+    def body(self) -> bytes:
+        # The seed formats this by hand ({"bytes":N,"error":%q}); a JSON
+        # encoder gives the same bytes for our ASCII messages.
+        return json.dumps(
+            {"bytes": self.forwarded, "error": self.message}, separators=(",", ":")
+        ).encode()
+
+
+class PayloadTooLarge(TransferError):
+    """More than ``max_bytes`` was (or would be) uploaded."""
+
+    status = 413
+
+    def __init__(self, seen: int, limit: int, forwarded: int = 0) -> None:
+        super().__init__(f"relay: payload exceeded MaxBytes ({seen} > {limit})", forwarded)
+        self.seen = seen
+        self.limit = limit
+
+
+class UploadAborted(TransferError):
+    """The source went away or sent a broken body mid-stream."""
+
+    status = 400
+
+
+class DownloadAborted(TransferError):
+    """The destination went away mid-stream; the source gets a 500."""
+
+    status = 500
+
+
+class IdleTimeout(TransferError):
+    """No byte moved for ``idle_timeout_s``."""
+
+    status = 500
+
+
+class UpstreamFailed(RelayError):
+    """Told to a waiting GET whose upload was refused before any byte moved."""
+
+    status = 502
+
+    def __init__(self, cause: RelayError) -> None:
+        reason = cause.message.removeprefix("relay: ")
+        super().__init__(f"upload failed: {reason}")
+
+
+# --- mint errors (POST /api/exec-gateway/relay/create) ---------------------------
+
+
+class MintUnauthorized(Unauthorized):
+    pass
+
+
+class InvalidJSON(MintError):
+    status = 400
+
+    def __init__(self) -> None:
+        super().__init__("invalid JSON")
+
+
+class MissingIds(MintError):
+    status = 400
+
+    def __init__(self) -> None:
+        super().__init__("workspace_id, source_exe_id, dest_exe_id required")
+
+
+class WorkspaceCapReached(MintError):
+    status = 429
+
+    def __init__(self) -> None:
+        super().__init__("relay: workspace concurrent relay cap reached")
+
+
+class MintBodyTooLarge(MintError):
+    status = 413
+
+    def __init__(self) -> None:
+        super().__init__("request body too large")
+
+
+class MintDisabled(MintError):
+    status = 503
+
+    def __init__(self, why: str = "relay minting disabled") -> None:
+        super().__init__(why)
