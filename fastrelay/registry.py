@@ -315,7 +315,14 @@ class Registry:
         if deadline is None:
             return
         if self._loop is None:
-            self._loop = asyncio.get_running_loop()
+            try:
+                self._loop = asyncio.get_running_loop()
+            except RuntimeError:
+                # Used off-loop (unit tests with a fake clock drive
+                # expire_due themselves); the timer is armed on first use
+                # from the loop.
+                self._timer_at = None
+                return
         delay = max(0.0, deadline - self.clock())
         self._timer = self._loop.call_later(delay, self._on_timer)
 
