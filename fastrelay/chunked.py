@@ -89,7 +89,7 @@ class ChunkedDecoder:
         """True once the last chunk and trailer section have been read."""
         return self._state is _S.DONE
 
-    def feed(self, data: memoryview | bytes) -> tuple[list[tuple[int, int]], int]:
+    def feed(self, data: bytes | bytearray | memoryview) -> tuple[list[tuple[int, int]], int]:
         """Decode ``data``; return (payload runs as (start, end), bytes consumed).
 
         ``consumed`` is less than ``len(data)`` only when the body ended inside

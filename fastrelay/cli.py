@@ -83,9 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--loop", choices=("auto", "uvloop", "asyncio"), default="auto", help="event loop"
     )
-    serve.add_argument(
-        "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")
-    )
+    serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return parser
 
 
@@ -138,7 +136,9 @@ def make_ssl(config: RelayConfig) -> ssl.SSLContext | None:
         raise ConfigError(f"cannot load certificate/key: {reason}") from None
 
 
-async def serve(config: RelayConfig, ssl_ctx: ssl.SSLContext | None, drain_timeout_s: float) -> None:
+async def serve(
+    config: RelayConfig, ssl_ctx: ssl.SSLContext | None, drain_timeout_s: float
+) -> None:
     server = RelayServer(config, ssl=ssl_ctx)
     try:
         await server.start()

@@ -37,7 +37,7 @@ class Finished(Protocol):
 class Metrics:
     """Counters derived from outcomes; rendered as Prometheus text."""
 
-    __slots__ = ("bytes_total", "outcomes", "pairing_s_sum", "paired", "transfer_s_sum")
+    __slots__ = ("bytes_total", "outcomes", "paired", "pairing_s_sum", "transfer_s_sum")
 
     def __init__(self) -> None:
         self.outcomes: dict[Outcome, int] = dict.fromkeys(Outcome, 0)

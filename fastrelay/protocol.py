@@ -21,6 +21,7 @@ responses.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import socket
 from typing import TYPE_CHECKING, cast
@@ -121,10 +122,9 @@ class HttpConnection(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(high=_CONTROL_WRITE_HIGH, low=_CONTROL_WRITE_LOW)
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            try:
+            # Not a TCP socket (tests), or already gone: nothing to keep alive.
+            with contextlib.suppress(OSError, TypeError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            except (OSError, TypeError):  # not a TCP socket (tests), or gone already
-                pass
         if not self.server.connection_opened(self):
             self.phase = Phase.CLOSED
             transport.abort()

@@ -47,7 +47,7 @@ DEFAULT_MAX_PER_WORKSPACE = 16
 class Party(Protocol):
     """A connection that claimed one side of a relay."""
 
-    head: RequestHead
+    head: RequestHead | None
 
     def reject(self, err: RelayError) -> None:
         """Answer ``err`` and close; the side is no longer ours."""
@@ -134,6 +134,7 @@ class Relay:
         if self.session.put_claimed:
             raise SideAlreadyClaimed("PUT")
         self._registry.check_open()
+        assert party.head is not None
         length = party.head.content_length
         if self.max_bytes > 0 and length is not None and length > self.max_bytes:
             # Refused before a single byte is read: the ticket is spent, and

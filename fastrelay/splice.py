@@ -104,6 +104,7 @@ class Splice:
         self.idle_timeout_s = idle_timeout_s
         self.max_bytes = relay.max_bytes
         head = up.head
+        assert head is not None
         self._remaining = head.content_length or 0
         self._decoder = ChunkedDecoder() if head.chunked else None
         self.forwarded = 0
@@ -125,6 +126,7 @@ class Splice:
     def start(self, body_prefix: bytes) -> None:
         """Send both heads and whatever body arrived while the PUT waited."""
         up_head = self.up.head
+        assert up_head is not None
         self.down_transport.write(
             download_head(
                 up_head.header("content-type"),
@@ -212,9 +214,7 @@ class Splice:
                 allowed -= take
             self._write_chunk(view, kept, limit - self.forwarded)
             self.forwarded = limit
-            self._fail(
-                Input.CUT_TOO_LARGE, PayloadTooLarge(decoder.payload, limit, self.forwarded)
-            )
+            self._fail(Input.CUT_TOO_LARGE, PayloadTooLarge(decoder.payload, limit, self.forwarded))
             return
         if total:
             self._write_chunk(view, runs, total)

@@ -14,7 +14,7 @@ from typing import Any
 
 from fakes import FakeTransport
 
-from fastrelay import Outcome, RelayConfig, Registry
+from fastrelay import Outcome, Registry, RelayConfig
 from fastrelay.protocol import HttpConnection, Phase
 from fastrelay.server import RelayServer
 

@@ -58,15 +58,24 @@ def test_head_too_large() -> None:
 @pytest.mark.parametrize(
     ("raw", "error"),
     [
-        (b"PUT /relay/x HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n"
-         b"Transfer-Encoding: chunked\r\n\r\n", BadRequest),
-        (b"PUT /relay/x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
-         NotImplementedFraming),
+        (
+            b"PUT /relay/x HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n",
+            BadRequest,
+        ),
+        (
+            b"PUT /relay/x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            NotImplementedFraming,
+        ),
         (b"PUT /relay/x HTTP/1.1\r\nHost: h\r\nContent-Length: -1\r\n\r\n", BadRequest),
-        (b"PUT /relay/x HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
-         BadRequest),
-        (b"PUT /relay/x HTTP/1.1\r\nHost: h\r\nContent-Length: 99999999999999999999\r\n\r\n",
-         BadRequest),
+        (
+            b"PUT /relay/x HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            BadRequest,
+        ),
+        (
+            b"PUT /relay/x HTTP/1.1\r\nHost: h\r\nContent-Length: 99999999999999999999\r\n\r\n",
+            BadRequest,
+        ),
         (b"GARBAGE\r\n\r\n", BadRequest),
         (b"GET /relay/x HTTP/1.1\r\n\r\n", BadRequest),  # no Host on 1.1
     ],
@@ -109,7 +118,9 @@ def test_route_errors(line: bytes, error: type[RelayError]) -> None:
 def test_http10_keep_alive_rules() -> None:
     assert not parse_head(b"GET /healthz HTTP/1.0\r\n\r\n").keep_alive
     assert parse_head(b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").keep_alive
-    assert not parse_head(b"GET /healthz HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").keep_alive
+    assert not parse_head(
+        b"GET /healthz HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+    ).keep_alive
 
 
 def parse_response(raw: bytes) -> tuple[h11.Response, bytes]:

@@ -11,7 +11,7 @@ IDS = '"workspace_id":"w","source_exe_id":"s","dest_exe_id":"d"'
 
 
 def test_valid_request_and_ignored_fields() -> None:
-    r = parse_mint_request(('{' + IDS + ',"ttl_seconds":30,"max_bytes":5,"x":[1]}').encode())
+    r = parse_mint_request(("{" + IDS + ',"ttl_seconds":30,"max_bytes":5,"x":[1]}').encode())
     assert (r.workspace_id, r.ttl_seconds, r.max_bytes) == ("w", 30, 5)
     r = parse_mint_request(("{" + IDS + "}").encode())
     assert (r.ttl_seconds, r.max_bytes) == (0, 0)
@@ -24,9 +24,9 @@ def test_valid_request_and_ignored_fields() -> None:
         (b"{", InvalidJSON),
         (b"[]", InvalidJSON),
         (b"\xff", InvalidJSON),
-        (('{' + IDS + ',"ttl_seconds":"5"}').encode(), InvalidJSON),
-        (('{' + IDS + ',"max_bytes":1.5}').encode(), InvalidJSON),
-        (('{' + IDS + ',"max_bytes":true}').encode(), InvalidJSON),
+        (("{" + IDS + ',"ttl_seconds":"5"}').encode(), InvalidJSON),
+        (("{" + IDS + ',"max_bytes":1.5}').encode(), InvalidJSON),
+        (("{" + IDS + ',"max_bytes":true}').encode(), InvalidJSON),
         (b'{"workspace_id":1,"source_exe_id":"s","dest_exe_id":"d"}', InvalidJSON),
         (b'{"workspace_id":"w","source_exe_id":"s"}', MissingIds),
         (b'{"workspace_id":"","source_exe_id":"s","dest_exe_id":"d"}', MissingIds),

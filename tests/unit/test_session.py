@@ -41,8 +41,10 @@ def test_every_outcome_is_reachable() -> None:
 
 
 def test_either_order_pairs_and_times_are_derived_from_now() -> None:
-    for first, second in ((Input.PUT_ARRIVES, Input.GET_ARRIVES),
-                          (Input.GET_ARRIVES, Input.PUT_ARRIVES)):
+    for first, second in (
+        (Input.PUT_ARRIVES, Input.GET_ARRIVES),
+        (Input.GET_ARRIVES, Input.PUT_ARRIVES),
+    ):
         s = RelaySession(now=10.0)
         s.handle(first, 11.0)
         assert s.handle(second, 12.5) is State.STREAMING

@@ -73,7 +73,12 @@ def test_cap_counts_from_add_to_remove() -> None:
 
 def test_deadlines_fire_at_exactly_the_deadline_and_skip_paired_or_removed() -> None:
     table: TicketTable[E] = TicketTable(16)
-    early, paired, gone, late = E("e", "w", 5.0), E("p", "w", 6.0), E("g", "w", 7.0), E("l", "w", 9.0)
+    early, paired, gone, late = (
+        E("e", "w", 5.0),
+        E("p", "w", 6.0),
+        E("g", "w", 7.0),
+        E("l", "w", 9.0),
+    )
     for e in (early, paired, gone, late):
         table.add(e)
     paired.paired = True
