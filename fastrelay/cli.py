@@ -69,6 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="a request head must arrive within this, s (%(default)s)",
     )
     serve.add_argument(
+        "--max-connections",
+        type=int,
+        default=d.max_connections,
+        help="open connections at most; more are closed at once (%(default)s)",
+    )
+    serve.add_argument(
+        "--max-pending",
+        type=int,
+        default=d.max_pending,
+        help="minted but unpaired tickets at most; more get 503 at mint (%(default)s)",
+    )
+    serve.add_argument(
         "--drain-timeout",
         type=float,
         default=30.0,
@@ -120,6 +132,8 @@ def config_from_args(args: argparse.Namespace, secret: str) -> RelayConfig:
             max_per_workspace=args.max_per_workspace,
             idle_timeout_s=args.idle_timeout,
             header_timeout_s=args.header_timeout,
+            max_connections=args.max_connections,
+            max_pending=args.max_pending,
             read_buffer_bytes=args.buffer_size,
         )
     except ValueError as exc:
@@ -162,6 +176,7 @@ async def serve(
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
     await stop.wait()
     log.info("draining: no new connections; waiting up to %gs for transfers", drain_timeout_s)
     await server.drain(drain_timeout_s)

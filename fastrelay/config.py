@@ -42,6 +42,17 @@ class RelayConfig:
     idle_timeout_s: float = 60.0
     """A paired transfer with no byte moving for this long is aborted."""
 
+    max_connections: int = 10_000
+    """Open client connections at most; beyond it new ones are closed at once."""
+
+    max_pending: int = 4096
+    """Minted-but-unpaired tickets at most, all workspaces together; beyond it
+    the mint endpoint answers 503."""
+
+    tcp_keepalive_s: int = 15
+    """TCP keepalive idle time and probe interval on accepted sockets (the Go
+    gateway's listener uses 15 s)."""
+
     header_timeout_s: float = 10.0
     """A request head must arrive whole within this (Go ReadHeaderTimeout)."""
 
@@ -75,6 +86,8 @@ class RelayConfig:
         for name in ("ticket_ttl_s", "idle_timeout_s", "header_timeout_s", "linger_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
+        if self.max_connections < 1 or self.max_pending < 1 or self.tcp_keepalive_s < 1:
+            raise ValueError("max_connections, max_pending and tcp_keepalive_s must be >= 1")
         if self.max_per_workspace < 1:
             raise ValueError("max_per_workspace must be >= 1")
         if self.max_head_bytes < 1024:

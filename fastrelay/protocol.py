@@ -123,8 +123,11 @@ class HttpConnection(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             # Not a TCP socket (tests), or already gone: nothing to keep alive.
-            with contextlib.suppress(OSError, TypeError):
+            with contextlib.suppress(OSError, TypeError, AttributeError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                keepalive_s = self.server.config.tcp_keepalive_s
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, keepalive_s)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, keepalive_s)
         if not self.server.connection_opened(self):
             self.phase = Phase.CLOSED
             transport.abort()

@@ -155,6 +155,7 @@ class Relay:
     def _arrive(self, event: Input) -> None:
         registry = self._registry
         if self.session.handle(event, registry.clock()) is State.STREAMING:
+            registry._paired += 1
             put, get = self.put_party, self.get_party
             assert put is not None and get is not None
             self.put_party = self.get_party = None
@@ -176,6 +177,8 @@ class Relay:
         if self.session.done:
             return
         registry = self._registry
+        if self.session.paired:
+            registry._paired -= 1
         self.session.handle(event, registry.clock())
         self.error = error
         registry._remove(self)
@@ -220,6 +223,7 @@ class Registry:
         self.pair_handler: PairHandler = _no_server
         self.draining = False
         self._table: TicketTable[Relay] = TicketTable(max_per_workspace)
+        self._paired = 0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -276,7 +280,8 @@ class Registry:
 
     @property
     def waiting_count(self) -> int:
-        return sum(1 for r in self._table if not r.paired)
+        """Live tickets not yet paired."""
+        return len(self._table) - self._paired
 
     def check_open(self) -> None:
         if self.draining:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import ssl as ssl_module
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,8 @@ from .tls import server_ssl_context
 
 if TYPE_CHECKING:
     from .registry import Relay
+
+log = logging.getLogger("fastrelay")
 
 # One server-wide buffer for request heads and small bodies; bytes are copied
 # out of it in the same callback (see protocol.py). 64 KiB is libuv's read
@@ -50,6 +53,7 @@ class RelayServer:
         self.scratch = memoryview(bytearray(SCRATCH_BYTES))
         self.connections: set[HttpConnection] = set()
         self.draining = False
+        self.refused_connections = 0
         self._server: asyncio.Server | None = None
         self.port = 0
         self.url = ""
@@ -103,10 +107,31 @@ class RelayServer:
             await self._server.wait_closed()
         await asyncio.sleep(0)  # let connection_lost callbacks run
 
+    def reload_tls(self) -> bool:
+        """Reload certificate and key from their files (SIGHUP).
+
+        New connections get the new certificate, connections in flight keep
+        theirs. The files are loaded into a scratch context first, so a bad
+        file leaves the serving certificate untouched.
+        """
+        config = self.config
+        if self.ssl is None or config.certfile is None:
+            log.info("SIGHUP: not serving TLS, nothing to reload")
+            return False
+        try:
+            server_ssl_context(config.certfile, config.keyfile)
+            self.ssl.load_cert_chain(config.certfile, config.keyfile)
+        except (OSError, ssl_module.SSLError) as exc:
+            log.error("TLS reload failed, keeping the old certificate: %s", exc)
+            return False
+        log.info("TLS certificate reloaded from %s", config.certfile)
+        return True
+
     # --- connections ---------------------------------------------------------------
 
     def connection_opened(self, conn: HttpConnection) -> bool:
-        if self.draining:
+        if self.draining or len(self.connections) >= self.config.max_connections:
+            self.refused_connections += 1
             return False
         self.connections.add(conn)
         return True
@@ -157,6 +182,8 @@ class RelayServer:
         mint.check_secret(head.header("authorization"), secret)
         if self.draining:
             raise MintDisabled(ShuttingDown().message)
+        if self.registry.waiting_count >= self.config.max_pending:
+            raise MintDisabled("relay: too many pending relays")
 
     def mint(self, body: bytes) -> tuple[int, bytes]:
         request = mint.parse_mint_request(body)
