@@ -171,8 +171,7 @@ async def serve(
         signals += 1
         stop.set()
         if signals > 1:  # a second signal: stop waiting for transfers
-            for conn in list(server.connections):
-                conn.transport.abort()
+            server.cut_drain()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)

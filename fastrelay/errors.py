@@ -196,6 +196,12 @@ class IdleTimeout(TransferError):
     status = 500
 
 
+class TransferShutDown(TransferError):
+    """The server stopped (drain timeout passed, or a second signal)."""
+
+    status = 503
+
+
 class UpstreamFailed(RelayError):
     """Told to a waiting GET whose upload was refused before any byte moved."""
 

@@ -54,6 +54,7 @@ class RelayServer:
         self.connections: set[HttpConnection] = set()
         self.draining = False
         self.refused_connections = 0
+        self._drain_cut = False
         self._server: asyncio.Server | None = None
         self.port = 0
         self.url = ""
@@ -91,8 +92,12 @@ class RelayServer:
         self.registry.shutdown_waiting()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while self.registry.active_count and loop.time() < deadline:
+        while self.registry.active_count and loop.time() < deadline and not self._drain_cut:
             await asyncio.sleep(0.05)
+
+    def cut_drain(self) -> None:
+        """Stop waiting for transfers in `drain` (a second signal)."""
+        self._drain_cut = True
 
     async def close(self) -> None:
         """Stop listening, fail waiting sides with 503, close every connection."""
@@ -100,6 +105,9 @@ class RelayServer:
         if self._server is not None:
             self._server.close()
         self.registry.shutdown_waiting()
+        for conn in list(self.connections):
+            if conn.phase is Phase.UPLOAD and conn.splice is not None:
+                conn.splice.shut_down()
         for conn in list(self.connections):
             if conn.phase is not Phase.CLOSED:
                 conn.transport.abort()

@@ -45,6 +45,7 @@ from .errors import (
     IdleTimeout,
     PayloadTooLarge,
     TransferError,
+    TransferShutDown,
     UploadAborted,
 )
 from .flow import BufferPool, ReadGate
@@ -263,6 +264,13 @@ class Splice:
             self._fail(
                 Input.DOWNLOAD_ABORTED,
                 DownloadAborted(f"relay: download connection lost: {why}", self.forwarded),
+            )
+
+    def shut_down(self) -> None:
+        """The server is stopping: abort visibly, outcome SHUTDOWN."""
+        if not self._finished:
+            self._fail(
+                Input.SHUTDOWN, TransferShutDown("relay: server shutting down", self.forwarded)
             )
 
     # --- idle detection ------------------------------------------------------------
