@@ -93,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="upload receive buffer, bytes (%(default)s)",
     )
     serve.add_argument(
+        "--kernel-splice-min-bytes",
+        type=int,
+        default=d.kernel_splice_min_bytes,
+        help="plain Content-Length uploads with at least this many bytes left at pairing "
+        "move through splice(2); 0 disables (%(default)s)",
+    )
+    serve.add_argument(
         "--loop", choices=("auto", "uvloop", "asyncio"), default="auto", help="event loop"
     )
     serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -135,6 +142,7 @@ def config_from_args(args: argparse.Namespace, secret: str) -> RelayConfig:
             max_connections=args.max_connections,
             max_pending=args.max_pending,
             read_buffer_bytes=args.buffer_size,
+            kernel_splice_min_bytes=args.kernel_splice_min_bytes,
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None

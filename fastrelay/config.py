@@ -67,6 +67,11 @@ class RelayConfig:
     (runtime-facts §2); buffers are pooled and only held while the download
     transport still references them, so memory follows the bytes in flight."""
 
+    kernel_splice_min_bytes: int = 1 * MIB
+    """Plain-TCP Content-Length uploads with at least this many body bytes
+    left at pairing move through splice(2) instead of Python (Linux only).
+    0 disables the fast path."""
+
     tls_write_high_bytes: int = 256 * KIB
     """Write high-water mark of a TLS download. Must be > 0: ``high=0``
     deadlocks asyncio/uvloop SSL transports (runtime-facts §3)."""

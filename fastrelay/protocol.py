@@ -362,7 +362,9 @@ class HttpConnection(asyncio.BufferedProtocol):
         self.phase = Phase.LINGER
         self.inbuf = bytearray()
         if self.transport.can_write_eof():
-            self.transport.write_eof()
+            # The peer may have reset already; the linger timer still closes.
+            with contextlib.suppress(OSError):
+                self.transport.write_eof()
         self.gate.resume()
         loop = asyncio.get_running_loop()
         self._linger_timer = loop.call_later(self.server.config.linger_s, self.transport.close)

@@ -158,6 +158,7 @@ class RelayServer:
             self.pool,
             config.idle_timeout_s,
             (config.tls_write_high_bytes, config.tls_write_low_bytes),
+            config.kernel_splice_min_bytes,
         )
         put.phase = Phase.UPLOAD
         get.phase = Phase.DOWNLOAD

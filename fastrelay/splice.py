@@ -50,6 +50,8 @@ from .errors import (
 )
 from .flow import BufferPool, ReadGate
 from .heads import CONTINUE_100, download_head, simple_response
+from .kernel_splice import AVAILABLE as KERNEL_SPLICE_AVAILABLE
+from .kernel_splice import KernelPipe, dup_transport_socket
 from .session import Input
 
 if TYPE_CHECKING:
@@ -68,6 +70,8 @@ class Splice:
         "_finished",
         "_idle_seen",
         "_idle_timer",
+        "_kernel",
+        "_kernel_pending",
         "_pinned",
         "_progress",
         "_remaining",
@@ -93,6 +97,7 @@ class Splice:
         pool: BufferPool,
         idle_timeout_s: float,
         tls_write_limits: tuple[int, int],
+        kernel_splice_min_bytes: int = 0,
     ) -> None:
         self.relay = relay
         self.up = up
@@ -118,6 +123,17 @@ class Splice:
         self._idle_timer: asyncio.TimerHandle | None = None
         # TLS transports copy (encrypt) inside write(); plain TCP ones pin.
         self.pins_buffers = down.transport.get_extra_info("sslcontext") is None
+        up_plain = up.transport.get_extra_info("sslcontext") is None
+        self._kernel: KernelPipe | None = None
+        # splice(2) needs plain sockets on both ends and a known length.
+        self._kernel_pending = (
+            KERNEL_SPLICE_AVAILABLE
+            and kernel_splice_min_bytes > 0
+            and self.pins_buffers
+            and up_plain
+            and self._decoder is None
+            and self._remaining >= kernel_splice_min_bytes
+        )
         if self.pins_buffers:
             self.down_transport.set_write_buffer_limits(high=0)
         else:
@@ -142,8 +158,52 @@ class Splice:
             self._forward(memoryview(body_prefix))
         elif self._decoder is None and self._remaining == 0:
             self._upload_complete()
-        if not self._finished:
+        if self._finished or self._draining_tail:
+            return
+        if self._kernel_pending:
+            # The upload stays paused from here on; the transports are only
+            # used again at the end (kernel_splice.py, steps 1-4).
+            self.up_gate.pause()
+            if not self.down_transport.get_write_buffer_size():
+                self._engage_kernel()
+            return  # else download_resumed() engages once the transport is empty
+        self._kernel_pending = False
+        self.up_gate.resume()
+
+    def _engage_kernel(self) -> None:
+        self._kernel_pending = False
+        up_sock = dup_transport_socket(self.up_transport)
+        down_sock = dup_transport_socket(self.down_transport)
+        if up_sock is None or down_sock is None:  # fall back to the buffered path
+            for sock in (up_sock, down_sock):
+                if sock is not None:
+                    sock.close()
             self.up_gate.resume()
+            return
+        self._kernel = KernelPipe(
+            up_sock,
+            down_sock,
+            self._remaining,
+            self._kernel_progress,
+            self._succeed,
+            self._kernel_src_error,
+            self._kernel_dst_error,
+        )
+        self._kernel.start()
+
+    def _kernel_progress(self, nbytes: int) -> None:
+        self._progress += 1
+        self.forwarded += nbytes
+        self._remaining -= nbytes
+
+    def _kernel_src_error(self, exc: OSError | None) -> None:
+        if exc is None:
+            self.upload_eof()
+        else:
+            self.upload_lost(exc)
+
+    def _kernel_dst_error(self, exc: OSError) -> None:
+        self.download_lost(exc)
 
     # --- upload side (called by the upload connection) ----------------------------
 
@@ -181,8 +241,8 @@ class Splice:
             )
 
     def _forward(self, view: memoryview) -> None:
-        if self._finished:
-            return
+        if self._finished or self._draining_tail:
+            return  # the body is complete: later bytes are not ours
         decoder = self._decoder
         if decoder is None:
             remaining = self._remaining
@@ -244,6 +304,7 @@ class Splice:
     def download_paused(self) -> None:
         self.up_gate.pause()
 
+
     def download_resumed(self) -> None:
         self._progress += 1
         pinned = self._pinned
@@ -255,7 +316,9 @@ class Splice:
             return
         if self._draining_tail:
             self._succeed()
-        else:
+        elif self._kernel_pending:
+            self._engage_kernel()
+        elif self._kernel is None:
             self.up_gate.resume()
 
     def download_lost(self, exc: Exception | None) -> None:
@@ -298,6 +361,10 @@ class Splice:
 
     def _end(self) -> None:
         self._finished = True
+        if self._kernel is not None:
+            # The dup'd sockets go first: only then do the transports own
+            # the connections again (and an abort really ends them).
+            self._kernel.close()
         self.relay.bytes = self.forwarded
         if self._idle_timer is not None:
             self._idle_timer.cancel()
