@@ -94,6 +94,13 @@ class NotImplementedFraming(TextError):
         super().__init__("unsupported transfer-encoding")
 
 
+class VersionNotSupported(TextError):
+    status = 505
+
+    def __init__(self) -> None:
+        super().__init__("HTTP version not supported")
+
+
 # --- ticket errors (/relay/{ticket}, checks 1-4 of PROTOCOL.md) ------------------
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import http
+import re
 
 import h11
 
@@ -38,12 +39,17 @@ from .errors import (
     NotFound,
     NotImplementedFraming,
     RelayError,
+    VersionNotSupported,
 )
 
 RELAY_PREFIX = "/relay/"
 MINT_PATH = "/api/exec-gateway/relay/create"
 HEALTH_PATH = "/healthz"
 METRICS_PATH = "/metrics"
+
+# Control characters other than HTAB never belong in a field value (RFC 9110
+# §5.5); h11 lets some through, and they are a classic injection vector.
+_CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 # Bodies bigger than this cannot be a real Content-Length (2**63 - 1, Go's int64).
 MAX_CONTENT_LENGTH = 2**63 - 1
@@ -107,6 +113,8 @@ def parse_head(raw: bytes) -> RequestHead:
         raise _map_h11_error(exc) from exc
     if not isinstance(event, h11.Request):  # NEED_DATA: the caller cut the head wrong
         raise BadRequest()
+    if event.http_version not in (b"1.0", b"1.1"):
+        raise VersionNotSupported()
 
     headers: dict[str, str] = {}
     content_lengths: list[bytes] = []
@@ -114,6 +122,8 @@ def parse_head(raw: bytes) -> RequestHead:
     connection_tokens: list[bytes] = []
     expect = False
     for name, value in event.headers:
+        if _CONTROL_BYTES.search(value):
+            raise BadRequest("invalid header value")
         if name == b"content-length":
             content_lengths.append(value)
         elif name == b"transfer-encoding":

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# CI: the benchmark suite in quick mode. It checks that every scenario runs
+# and moves intact data, and saves the JSON results; it asserts no timing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+.venv/bin/python -m bench.load --quick --json bench/results/ci-quick.json
+FASTRELAY_BENCH_BYTES=$((8 * 1024 * 1024)) .venv/bin/python -m pytest bench/ -q -p no:cacheprovider \
+    --benchmark-json=bench/results/ci-pytest-benchmark.json

@@ -1,0 +1,500 @@
+"""fastrelay load benchmark: every scenario side by side with its baselines.
+
+    python -m bench.load            # full run (1 GiB transfers; a few minutes)
+    python -m bench.load --quick    # CI: small sizes, integrity checks only
+
+Figures are ratios against baselines measured in the same run (absolute
+numbers drift on shared machines). Nothing here asserts a timing; --quick
+fails only if a transfer is incomplete or corrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import pathlib
+import platform
+import socket
+import ssl
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psutil
+import trustme
+import uvloop
+
+from . import servers
+from .clients import Endpoint, get_head, mint, put_head, random_file, read_response, send_file
+
+MIB = 1024 * 1024
+
+
+class IntegrityError(AssertionError):
+    pass
+
+
+@dataclasses.dataclass
+class Row:
+    scenario: str
+    unit: str
+    fastrelay: float
+    baselines: dict[str, float | None]
+    cpu_s_per_gib: float | None = None
+    peak_rss_mib: float | None = None
+    note: str = ""
+
+    def ratios(self) -> dict[str, float | None]:
+        return {k: (self.fastrelay / v if v else None) for k, v in self.baselines.items()}
+
+
+# --- one transfer --------------------------------------------------------------------
+
+
+def relay_path(server: servers.Server, sock: socket.socket | None = None) -> tuple[str, str | None]:
+    if server.name.startswith("fastrelay"):
+        ticket = mint(server.endpoint, servers.SECRET, sock=sock)
+        return f"/relay/{ticket}", ticket
+    return f"/bench-{uuid.uuid4().hex}", None
+
+
+def one_transfer(
+    server: servers.Server,
+    path: str,
+    size: int,
+    sha: str,
+    chunked: bool,
+    rate: float = 0.0,
+    verify: bool = True,
+) -> float:
+    """Move the file through ``server``; returns seconds; raises on corruption.
+
+    Sender and receiver run in two forked processes, so neither waits on the
+    other's GIL and the bench process stays out of the way. With
+    ``verify=False`` the receiver only counts bytes: hashing costs about as
+    much CPU as the relay itself, so timed rounds skip it and a separate
+    round checks the sha256.
+    """
+    url, ticket = relay_path(server)
+    ep = server.endpoint
+    ctx = multiprocessing.get_context("fork")
+    results: Any = ctx.Queue()
+
+    def receive() -> None:
+        with ep.connect() as sock:
+            sock.sendall(get_head(url, ticket))
+            results.put(("get", read_response(sock, verify=verify, rate_bytes_s=rate)))
+
+    def upload() -> None:
+        with ep.connect() as sock:
+            sock.sendall(put_head(url, ticket, None if chunked else size))
+            send_file(sock, path, chunked)
+            results.put(("put", read_response(sock, verify=False)))
+
+    t0 = time.perf_counter()
+    procs = [ctx.Process(target=receive), ctx.Process(target=upload)]
+    for proc in procs:
+        proc.start()
+    got = dict(results.get(timeout=600) for _ in procs)
+    elapsed = time.perf_counter() - t0
+    for proc in procs:
+        proc.join(30)
+    results.close()
+    results.join_thread()
+    received = got.get("get")
+    if received is None or received.status != 200 or received.body_bytes != size:
+        raise IntegrityError(f"{server.name}: bad transfer {received}")
+    if verify and received.sha256 != sha:
+        raise IntegrityError(f"{server.name}: sha256 mismatch")
+    return elapsed
+
+
+def direct_pair(path: str, size: int, sha: str, verify: bool = False) -> float:
+    """The floor: sender -> receiver over one loopback TCP connection, no relay."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        digest = hashlib.sha256()
+        received = [0]
+
+        def receive() -> None:
+            conn, _ = listener.accept()
+            buf = bytearray(1 << 20)
+            view = memoryview(buf)
+            with conn:
+                while n := conn.recv_into(buf):
+                    if verify:
+                        digest.update(view[:n])
+                    received[0] += n
+
+        t0 = time.perf_counter()
+        thread = threading.Thread(target=receive)
+        thread.start()
+        with socket.create_connection(("127.0.0.1", port)) as s, open(path, "rb") as f:
+            s.sendfile(f)
+        thread.join()
+        elapsed = time.perf_counter() - t0
+    if received[0] != size or (verify and digest.hexdigest() != sha):
+        raise IntegrityError("direct pair corrupted")
+    return elapsed
+
+
+def measure(
+    server: servers.Server, rounds: int, fn: Callable[[bool], float]
+) -> tuple[float, float]:
+    """One sha256-verified round, then ``rounds`` timed ones: median seconds
+    and median server CPU seconds per round."""
+    fn(True)
+    times, cpus = [], []
+    for _ in range(rounds):
+        c0 = server.cpu_s()
+        times.append(fn(False))
+        cpus.append(server.cpu_s() - c0)
+    return statistics.median(times), statistics.median(cpus)
+
+
+# --- scenarios ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Env:
+    args: argparse.Namespace
+    workdir: pathlib.Path
+    cert: tuple[str, str]
+    client_ssl: ssl.SSLContext
+
+
+def mbps(size: int, seconds: float) -> float:
+    return size / seconds / 1e6
+
+
+def big_transfer(
+    env: Env, tls: bool, chunked: bool
+) -> tuple[float, float, float | None, float | None]:
+    """(fastrelay MB/s, its CPU s/GiB, piping MB/s, piping CPU s/GiB)."""
+    size = env.args.size
+    path = str(env.workdir / f"payload-{size}.bin")
+    sha = random_file(path, size)
+    cert = env.cert if tls else None
+    ctx = env.client_ssl if tls else None
+    with servers.fastrelay(cert, ctx, env.args.loop) as fr:
+        t, cpu = measure(
+            fr, env.args.rounds, lambda v: one_transfer(fr, path, size, sha, chunked, verify=v)
+        )
+    result_pp: tuple[float | None, float | None] = (None, None)
+    if not env.args.no_piping:
+        with servers.piping_server(cert, ctx) as pp:
+            if pp is not None:
+                tp, cpup = measure(
+                    pp,
+                    env.args.rounds,
+                    lambda v: one_transfer(pp, path, size, sha, chunked, verify=v),
+                )
+                result_pp = (mbps(size, tp), cpup / (size / 2**30))
+    return mbps(size, t), cpu / (size / 2**30), result_pp[0], result_pp[1]
+
+
+def small_relays(server: servers.Server, pairs: int, concurrency: int) -> float:
+    """Pairs per second of 4 KiB relays, ``concurrency`` at a time.
+
+    fastrelay's pairs include their mint (on a keep-alive connection per
+    worker); piping-server has no mint. The client is asyncio on uvloop, the
+    cheapest client we can write in Python.
+    """
+    return float(uvloop.run(_small_relays(server, pairs, concurrency)))
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    while head.startswith(b"HTTP/1.1 100"):
+        head = await reader.readuntil(b"\r\n\r\n")
+    lower = head.lower()
+    if b"content-length:" in lower:
+        length = int(lower.split(b"content-length:")[1].split(b"\r\n")[0])
+        return head, await reader.readexactly(length)
+    return head, await reader.read()
+
+
+async def _small_relays(server: servers.Server, pairs: int, concurrency: int) -> float:
+    payload = os.urandom(4096)
+    ep = server.endpoint
+    is_fastrelay = server.name.startswith("fastrelay")
+    mint_body = json.dumps(
+        {"workspace_id": "bench", "source_exe_id": "s", "dest_exe_id": "d"}
+    ).encode()
+    mint_req = (
+        f"POST /api/exec-gateway/relay/create HTTP/1.1\r\nHost: bench\r\n"
+        f"Authorization: Bearer {servers.SECRET}\r\nContent-Length: {len(mint_body)}\r\n\r\n"
+    ).encode() + mint_body
+    queue = iter(range(pairs))
+
+    async def worker() -> None:
+        mint_conn = await asyncio.open_connection(ep.host, ep.port) if is_fastrelay else None
+        for _ in queue:
+            if mint_conn is not None:
+                mint_conn[1].write(mint_req)
+                _, body = await _read_response(mint_conn[0])
+                ticket: str | None = json.loads(body)["ticket"]
+                path = f"/relay/{ticket}"
+            else:
+                ticket, path = None, f"/bench-{uuid.uuid4().hex}"
+            gr, gw = await asyncio.open_connection(ep.host, ep.port)
+            pr, pw = await asyncio.open_connection(ep.host, ep.port)
+            gw.write(get_head(path, ticket))
+            pw.write(put_head(path, ticket, len(payload)) + payload)
+            _, got = await _read_response(gr)
+            await pr.read()
+            gw.close()
+            pw.close()
+            if got != payload:
+                raise IntegrityError(f"{server.name}: small relay corrupted ({len(got)} bytes)")
+        if mint_conn is not None:
+            mint_conn[1].close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return pairs / (time.perf_counter() - t0)
+
+
+async def _in_flight(ep: Endpoint, pairs: int, size: int) -> None:
+    block = os.urandom(size)
+    want = hashlib.sha256(block).hexdigest()
+    tickets = [mint(ep, servers.SECRET, workspace=f"w{i % 997}") for i in range(pairs)]
+
+    async def get(ticket: str) -> None:
+        r, w = await asyncio.open_connection(ep.host, ep.port)
+        w.write(get_head(f"/relay/{ticket}", ticket))
+        data = await r.read()
+        w.close()
+        body = data.split(b"\r\n\r\n", 1)[1]
+        if hashlib.sha256(body).hexdigest() != want:
+            raise IntegrityError(f"in-flight relay corrupted ({len(body)} bytes)")
+
+    async def put(ticket: str) -> None:
+        r, w = await asyncio.open_connection(ep.host, ep.port)
+        w.write(put_head(f"/relay/{ticket}", ticket, size))
+        w.write(block)
+        await w.drain()
+        await r.read()
+        w.close()
+
+    gets = [asyncio.ensure_future(get(t)) for t in tickets]
+    await asyncio.sleep(0.5)  # let every GET wait: all relays are in flight at once
+    await asyncio.gather(*(put(t) for t in tickets), *gets)
+
+
+def in_flight(env: Env) -> tuple[float, float]:
+    """All ``inflight`` relays at once: seconds and peak server RSS (MiB)."""
+    with servers.fastrelay(None, None, env.args.loop) as fr:
+        with servers.PeakRSS(fr) as rss:
+            t0 = time.perf_counter()
+            asyncio.run(_in_flight(fr.endpoint, env.args.inflight, MIB))
+            elapsed = time.perf_counter() - t0
+        return elapsed, rss.peak / MIB
+
+
+def slow_reader(env: Env) -> tuple[float, float]:
+    """One transfer read at 16 MB/s: server RSS at start and peak (MiB)."""
+    size = env.args.slow_size
+    path = str(env.workdir / f"payload-{size}.bin")
+    sha = random_file(path, size)
+    with servers.fastrelay(None, None, env.args.loop) as fr:
+        with servers.PeakRSS(fr) as rss:
+            one_transfer(fr, path, size, sha, chunked=False, rate=16e6)
+        return rss.start / MIB, rss.peak / MIB
+
+
+# --- driver -------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small sizes, one round (CI)")
+    p.add_argument("--size", type=int, help="bytes per big transfer (default 1 GiB; quick 32 MiB)")
+    p.add_argument("--rounds", type=int, help="rounds per big transfer, median kept (3; quick 1)")
+    p.add_argument("--pairs", type=int, help="small relays (3000; quick 300)")
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--inflight", type=int, help="relays in flight at once (1000; quick 100)")
+    p.add_argument(
+        "--slow-size", type=int, help="bytes for the slow reader (128 MiB; quick 16 MiB)"
+    )
+    p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    p.add_argument("--no-piping", action="store_true", help="skip the piping-server baseline")
+    p.add_argument("--only", help="comma-separated scenario names to run")
+    p.add_argument("--json", default="bench/results/latest.json", help="where to write results")
+    a = p.parse_args(argv)
+    q = a.quick
+    a.size = a.size or (32 * MIB if q else 1024 * MIB)
+    a.rounds = a.rounds or (1 if q else 3)
+    a.pairs = a.pairs or (300 if q else 3000)
+    a.inflight = a.inflight or (100 if q else 1000)
+    a.slow_size = a.slow_size or (16 * MIB if q else 128 * MIB)
+    return a
+
+
+@contextlib.contextmanager
+def environment(args: argparse.Namespace) -> Iterator[Env]:
+    with tempfile.TemporaryDirectory(
+        prefix="fastrelay-bench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
+    ) as tmp:
+        work = pathlib.Path(tmp)
+        ca = trustme.CA()
+        leaf = ca.issue_cert("localhost", "127.0.0.1")
+        cert, key = work / "cert.pem", work / "key.pem"
+        leaf.cert_chain_pems[0].write_to_path(str(cert))
+        leaf.private_key_pem.write_to_path(str(key))
+        ctx = ssl.create_default_context()
+        ca.configure_trust(ctx)
+        yield Env(args, work, (str(cert), str(key)), ctx)
+
+
+def run(argv: list[str] | None = None) -> list[Row]:
+    args = parse_args(argv)
+    only = set(args.only.split(",")) if args.only else None
+    rows: list[Row] = []
+
+    def want(name: str) -> bool:
+        return only is None or name in only
+
+    with environment(args) as env:
+        size = args.size
+        path = str(env.workdir / f"payload-{size}.bin")
+        sha = random_file(path, size)
+        if want("plain"):
+            direct_pair(path, size, sha, verify=True)
+            direct = mbps(
+                size, statistics.median(direct_pair(path, size, sha) for _ in range(args.rounds))
+            )
+            fr, cpu, pp, pp_cpu = big_transfer(env, tls=False, chunked=False)
+            rows.append(
+                Row(
+                    f"{size // MIB} MiB Content-Length, plain",
+                    "MB/s",
+                    fr,
+                    {"piping-server": pp, "direct loopback": direct},
+                    cpu,
+                    note=f"piping-server CPU {pp_cpu:.2f} s/GiB" if pp_cpu else "",
+                )
+            )
+        if want("tls"):
+            fr, cpu, pp, pp_cpu = big_transfer(env, tls=True, chunked=False)
+            rows.append(
+                Row(
+                    f"{size // MIB} MiB Content-Length, TLS",
+                    "MB/s",
+                    fr,
+                    {"piping-server https": pp},
+                    cpu,
+                    note=f"piping-server CPU {pp_cpu:.2f} s/GiB" if pp_cpu else "",
+                )
+            )
+        if want("chunked"):
+            fr_cl = rows[0].fastrelay if rows and "plain" in rows[0].scenario else None
+            fr, cpu, _, _ = big_transfer(env, tls=False, chunked=True)
+            rows.append(
+                Row(
+                    f"{size // MIB} MiB chunked upload, plain",
+                    "MB/s",
+                    fr,
+                    {"fastrelay Content-Length": fr_cl},
+                    cpu,
+                )
+            )
+        if want("small"):
+            with servers.fastrelay(None, None, args.loop) as frs:
+                fr = small_relays(frs, args.pairs, args.concurrency)
+            pp_rate = None
+            if not args.no_piping:
+                with servers.piping_server(None, None) as pps:
+                    if pps is not None:
+                        pp_rate = small_relays(pps, args.pairs, args.concurrency)
+            rows.append(
+                Row(
+                    f"4 KiB relays x{args.pairs}, {args.concurrency} at a time (fastrelay mints)",
+                    "pairs/s",
+                    fr,
+                    {"piping-server (no mint)": pp_rate},
+                )
+            )
+        if want("inflight"):
+            seconds, peak = in_flight(env)
+            rows.append(
+                Row(
+                    f"{args.inflight} relays of 1 MiB in flight at once",
+                    "s",
+                    seconds,
+                    {},
+                    peak_rss_mib=peak,
+                    note="all intact",
+                )
+            )
+        if want("slow"):
+            start, peak = slow_reader(env)
+            rows.append(
+                Row(
+                    f"slow reader 16 MB/s, {args.slow_size // MIB} MiB",
+                    "RSS growth MiB",
+                    peak - start,
+                    {},
+                    peak_rss_mib=peak,
+                    note=f"RSS start {start:.1f} MiB",
+                )
+            )
+    report(rows, args)
+    return rows
+
+
+def report(rows: list[Row], args: argparse.Namespace) -> None:
+    lines = [
+        "| scenario | fastrelay | baselines | ratio | relay CPU s/GiB | peak RSS MiB | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        base = ", ".join(f"{k} {v:.0f}" if v else f"{k} n/a" for k, v in r.baselines.items()) or "-"
+        ratio = ", ".join(f"{v:.2f}x {k}" for k, v in r.ratios().items() if v) or "-"
+        cpu = f"{r.cpu_s_per_gib:.2f}" if r.cpu_s_per_gib is not None else "-"
+        rss = f"{r.peak_rss_mib:.0f}" if r.peak_rss_mib is not None else "-"
+        lines.append(
+            f"| {r.scenario} | {r.fastrelay:.1f} {r.unit} | {base} | {ratio} | {cpu} | {rss} | {r.note} |"
+        )
+    print("\n".join(lines))
+    machine = f"{platform.machine()}, {psutil.cpu_count()} CPUs, {psutil.virtual_memory().total // 2**30} GiB, Python {platform.python_version()}, loop {args.loop}"
+    print(f"\nmachine: {machine}")
+    out = pathlib.Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {
+                "machine": machine,
+                "quick": args.quick,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "rows": [{**dataclasses.asdict(r), "ratios": r.ratios()} for r in rows],
+            },
+            indent=2,
+        )
+    )
+
+
+def main() -> int:
+    try:
+        run(sys.argv[1:])
+    except IntegrityError as exc:
+        print(f"bench: INTEGRITY FAILURE: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
