@@ -13,6 +13,7 @@ descriptors and RSS must not grow.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import os
@@ -196,10 +197,8 @@ def one_chaos_transfer(server: Server, rng: random.Random) -> str:
                 get.shutdown(socket.SHUT_RD)
                 get.close()
                 put.settimeout(30)
-                try:
+                with contextlib.suppress(OSError):
                     put.sendall(body(data))
-                except OSError:
-                    pass
                 recv_all(put)
         finally:
             put.close()
