@@ -189,7 +189,7 @@ def big_transfer(
     sha = random_file(path, size)
     cert = env.cert if tls else None
     ctx = env.client_ssl if tls else None
-    with servers.fastrelay(cert, ctx, env.args.loop) as fr:
+    with servers.fastrelay(cert, ctx, env.args.loop, env.args.server_arg) as fr:
         t, cpu = measure(
             fr, env.args.rounds, lambda v: one_transfer(fr, path, size, sha, chunked, verify=v)
         )
@@ -297,7 +297,7 @@ async def _in_flight(ep: Endpoint, pairs: int, size: int) -> None:
 
 def in_flight(env: Env) -> tuple[float, float]:
     """All ``inflight`` relays at once: seconds and peak server RSS (MiB)."""
-    with servers.fastrelay(None, None, env.args.loop) as fr:
+    with servers.fastrelay(None, None, env.args.loop, env.args.server_arg) as fr:
         with servers.PeakRSS(fr) as rss:
             t0 = time.perf_counter()
             asyncio.run(_in_flight(fr.endpoint, env.args.inflight, MIB))
@@ -310,7 +310,7 @@ def slow_reader(env: Env) -> tuple[float, float]:
     size = env.args.slow_size
     path = str(env.workdir / f"payload-{size}.bin")
     sha = random_file(path, size)
-    with servers.fastrelay(None, None, env.args.loop) as fr:
+    with servers.fastrelay(None, None, env.args.loop, env.args.server_arg) as fr:
         with servers.PeakRSS(fr) as rss:
             one_transfer(fr, path, size, sha, chunked=False, rate=16e6)
         return rss.start / MIB, rss.peak / MIB
@@ -331,6 +331,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--slow-size", type=int, help="bytes for the slow reader (128 MiB; quick 16 MiB)"
     )
     p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    p.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="extra argument for `fastrelay serve` (repeatable), e.g. --server-arg=--buffer-size=1048576",
+    )
     p.add_argument("--no-piping", action="store_true", help="skip the piping-server baseline")
     p.add_argument("--only", help="comma-separated scenario names to run")
     p.add_argument("--json", default="bench/results/latest.json", help="where to write results")
@@ -413,19 +419,24 @@ def run(argv: list[str] | None = None) -> list[Row]:
                 )
             )
         if want("small"):
-            with servers.fastrelay(None, None, args.loop) as frs:
+            with servers.fastrelay(None, None, args.loop, args.server_arg) as frs:
+                c0 = frs.cpu_s()
                 fr = small_relays(frs, args.pairs, args.concurrency)
+                note = f"relay CPU {(frs.cpu_s() - c0) * 1000 / args.pairs:.2f} ms/pair"
             pp_rate = None
             if not args.no_piping:
                 with servers.piping_server(None, None) as pps:
                     if pps is not None:
+                        c0 = pps.cpu_s()
                         pp_rate = small_relays(pps, args.pairs, args.concurrency)
+                        note += f" (piping-server {(pps.cpu_s() - c0) * 1000 / args.pairs:.2f})"
             rows.append(
                 Row(
                     f"4 KiB relays x{args.pairs}, {args.concurrency} at a time (fastrelay mints)",
                     "pairs/s",
                     fr,
                     {"piping-server (no mint)": pp_rate},
+                    note=note,
                 )
             )
         if want("inflight"):
