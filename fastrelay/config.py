@@ -108,11 +108,13 @@ class RelayConfig:
     def tls(self) -> bool:
         return self.certfile is not None
 
-    def base_url(self, bound_port: int) -> str:
-        """The public base URL, without a trailing slash."""
+    def base_url(self, bound_port: int, tls: bool) -> str:
+        """The public base URL, without a trailing slash. A wildcard listen
+        address is no address a client can use: we say 127.0.0.1 and expect
+        ``public_url`` to be set for anything but local use."""
         if self.public_url:
             return self.public_url.rstrip("/")
-        scheme = "https" if self.tls else "http"
+        scheme = "https" if tls else "http"
         host = self.host
         if host in ("", "0.0.0.0", "::"):
             host = "127.0.0.1"

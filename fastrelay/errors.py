@@ -87,6 +87,15 @@ class HeadTooLarge(TextError):
         super().__init__("request header fields too large")
 
 
+class RequestTimeout(TextError):
+    """The request head did not arrive within ``header_timeout_s``."""
+
+    status = 408
+
+    def __init__(self) -> None:
+        super().__init__("request timeout")
+
+
 class NotImplementedFraming(TextError):
     status = 501
 

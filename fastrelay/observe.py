@@ -8,7 +8,6 @@ ticket.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Protocol
 
 from .session import Outcome, RelaySession
@@ -122,5 +121,3 @@ def log_finished(relay: Finished) -> None:
             f" error={err}" if err is not None else "",
         )
 
-
-OutcomeListener = Callable[[Finished], None]

@@ -31,7 +31,7 @@ from .errors import (
     BadRequest,
     MintBodyTooLarge,
     RelayError,
-    TextError,
+    RequestTimeout,
     TicketNotFound,
     Unauthorized,
 )
@@ -73,13 +73,6 @@ class Phase(enum.Enum):
     DOWNLOAD = "download"  # paired destination: the splice writes to us
     LINGER = "linger"  # answered early; discarding the unread body before close
     CLOSED = "closed"
-
-
-class RequestTimeout(TextError):
-    status = 408
-
-    def __init__(self) -> None:
-        super().__init__("request timeout")
 
 
 class HttpConnection(asyncio.BufferedProtocol):

@@ -80,9 +80,8 @@ class RelayServer:
 
     @property
     def base_url(self) -> str:
-        if self.config.public_url:
-            return self.config.public_url.rstrip("/")
-        return self.url
+        """Base of the URLs handed out at mint (``--public-url`` or derived)."""
+        return self.config.base_url(self.port, tls=self.ssl is not None)
 
     async def drain(self, timeout_s: float) -> None:
         """Stop accepting; fail waiting sides (503); let paired transfers finish."""

@@ -253,26 +253,30 @@ def test_soak(server: Server) -> None:
     mint_sock.close()
     # 1,000 GETs waiting at once, then released by pairing
     tickets = [server.mint(ttl=120) for _ in range(1000)]
-    gets = []
-    for t in tickets:
-        g = server.connect()
-        g.sendall(
-            f"GET /relay/{t} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\n\r\n".encode()
-        )
-        gets.append(g)
-    deadline = time.monotonic() + 30
-    while server.metric("fastrelay_waiting_relays") and server.ps.num_fds() < first_fds + 1000:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    waiting_fds = server.ps.num_fds()
-    for t, g in zip(tickets, gets, strict=True):
-        with server.connect() as p:
-            p.sendall(
-                f"PUT /relay/{t} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\nContent-Length: 1\r\n\r\nz".encode()
+    gets: list[socket.socket] = []
+    try:
+        for t in tickets:
+            g = server.connect()
+            g.sendall(
+                f"GET /relay/{t} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\n\r\n".encode()
             )
-            recv_all(p)
-        assert recv_all(g).endswith(b"z")
-        g.close()
+            gets.append(g)
+        # every GET is parked on the server (one descriptor each)
+        deadline = time.monotonic() + 60
+        while server.ps.num_fds() < first_fds + 990:
+            assert time.monotonic() < deadline, server.ps.num_fds()
+            time.sleep(0.1)
+        waiting_fds = server.ps.num_fds()
+        for t, g in zip(tickets, gets, strict=True):
+            with server.connect() as p:
+                p.sendall(
+                    f"PUT /relay/{t} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\nContent-Length: 1\r\n\r\nz".encode()
+                )
+                recv_all(p)
+            assert recv_all(g).endswith(b"z")
+    finally:
+        for g in gets:
+            g.close()
     settle(server, first_fds)
     end_fds = server.ps.num_fds()
     mib = [r / 2**20 for r in rss]
