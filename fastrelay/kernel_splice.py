@@ -199,4 +199,3 @@ class KernelPipe:
     def _finish(self) -> None:
         self.close()
         self._on_done()
-

@@ -120,4 +120,3 @@ def log_finished(relay: Finished) -> None:
             session.transfer_s(),
             f" error={err}" if err is not None else "",
         )
-

@@ -96,6 +96,14 @@ class HttpConnection(asyncio.BufferedProtocol):
     def __init__(self, server: RelayServer) -> None:
         self.server = server
 
+    def __del__(self) -> None:
+        # With TLS, asyncio builds this object at accept time but calls
+        # connection_made only after the handshake. An object that dies
+        # without ever being connected is a handshake that failed (or a
+        # client that left mid-handshake): nothing else tells us.
+        if not hasattr(self, "transport"):
+            self.server.failed_handshakes += 1
+
     # --- asyncio callbacks ---------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

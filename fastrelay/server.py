@@ -54,6 +54,7 @@ class RelayServer:
         self.connections: set[HttpConnection] = set()
         self.draining = False
         self.refused_connections = 0
+        self.failed_handshakes = 0
         self._drain_cut = False
         self._server: asyncio.Server | None = None
         self.port = 0
@@ -180,6 +181,15 @@ class RelayServer:
         body = registry.metrics.render(
             registry.active_count, registry.waiting_count, len(self.connections)
         )
+        body += (
+            "# HELP fastrelay_refused_connections_total Connections closed at once "
+            "(--max-connections or draining).\n"
+            "# TYPE fastrelay_refused_connections_total counter\n"
+            f"fastrelay_refused_connections_total {self.refused_connections}\n"
+            "# HELP fastrelay_tls_handshake_failures_total TLS handshakes that failed.\n"
+            "# TYPE fastrelay_tls_handshake_failures_total counter\n"
+            f"fastrelay_tls_handshake_failures_total {self.failed_handshakes}\n"
+        ).encode()
         return 200, "text/plain; version=0.0.4; charset=utf-8", body
 
     def check_mint(self, head: RequestHead) -> None:

@@ -304,7 +304,6 @@ class Splice:
     def download_paused(self) -> None:
         self.up_gate.pause()
 
-
     def download_resumed(self) -> None:
         self._progress += 1
         pinned = self._pinned

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import pathlib
@@ -301,3 +302,28 @@ def test_sighup_reloads_the_certificate(tmp_path: pathlib.Path) -> None:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     assert "TLS reload failed" in err and proc.returncode == 0
+
+
+@pytest.mark.parametrize("loop_kind", ["uvloop", "asyncio"])
+def test_failed_tls_handshakes_are_counted_and_harmless(
+    relay_factory: Callable[..., Relay], loop_kind: str
+) -> None:
+    relay = relay_factory(loop_kind, tls=True)
+    for payload in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\x16\x03\x01\x00\x05hello"):
+        with socket.create_connection(("127.0.0.1", relay.server.port)) as raw:
+            raw.sendall(payload)  # plaintext (or a broken record) to a TLS port
+            read_all(raw)
+    deadline = time.monotonic() + 10
+
+    # Counted when the dead connection's objects are freed: at once on
+    # uvloop, at the next cyclic garbage collection on stdlib asyncio.
+    def failures_after_gc() -> int:
+        gc.collect()
+        return relay.server.failed_handshakes
+
+    while relay.call(failures_after_gc) < 2:
+        assert time.monotonic() < deadline, relay.call(failures_after_gc)
+        time.sleep(0.05)
+    assert healthy(relay)
+    _, _, body = relay.raw(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert b"fastrelay_tls_handshake_failures_total 2" in body
