@@ -6,7 +6,7 @@ import asyncio
 import logging
 
 import pytest
-from test_splice_buffers import connect, get_head, make_server, put_head
+from test_splice_buffers import connect, get_head, make_server, put_head, put_then_get
 
 from fastrelay import Outcome, Registry, WorkspaceCapReached
 from fastrelay.errors import ShuttingDown
@@ -53,10 +53,7 @@ def test_pairing_stops_the_deadline() -> None:
         server.registry = registry = Registry(default_ttl=5.0, clock=clock)
         registry.pair_handler = server._pair
         relay = registry.create("w", "s", "d")
-        put, pt = connect(server)
-        pt.feed(put_head(relay.ticket, 10))
-        get, gt = connect(server)
-        gt.feed(get_head(relay.ticket))
+        put, pt, get, gt = put_then_get(server, relay.ticket, 10)
         clock.now += 3600  # far past expires_at: the transfer may run on
         registry.expire_due()
         assert not relay.done()

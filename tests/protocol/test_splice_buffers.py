@@ -50,6 +50,17 @@ def get_head(ticket: str) -> bytes:
     return f"GET /relay/{ticket} HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer {ticket}\r\n\r\n".encode()
 
 
+def put_then_get(
+    server: RelayServer, ticket: str, length: int | None
+) -> tuple[HttpConnection, FakeTransport, HttpConnection, FakeTransport]:
+    """A PUT head arrives, then the GET that pairs with it."""
+    put, pt = connect(server)
+    pt.feed(put_head(ticket, length))
+    get, gt = connect(server)
+    gt.feed(get_head(ticket))
+    return put, pt, get, gt
+
+
 def body_of(download: FakeTransport) -> bytes:
     data = download.data
     return data.split(b"\r\n\r\n", 1)[1]
@@ -127,10 +138,7 @@ def test_upload_lost_mid_stream_aborts_the_download() -> None:
     async def main() -> None:
         server = make_server()
         relay = server.registry.create("w", "s", "d")
-        put, pt = connect(server)
-        pt.feed(put_head(relay.ticket, 1000))
-        get, gt = connect(server)
-        gt.feed(get_head(relay.ticket))
+        put, pt, get, gt = put_then_get(server, relay.ticket, 1000)
         pt.feed(b"x" * 10)
         put.connection_lost(ConnectionResetError())
         assert gt.aborted  # a reset: the receiver sees an error, never a clean end
@@ -160,10 +168,7 @@ def test_download_lost_tells_the_source_500() -> None:
     async def main() -> None:
         server = make_server()
         relay = server.registry.create("w", "s", "d")
-        put, pt = connect(server)
-        pt.feed(put_head(relay.ticket, 1000))
-        get, gt = connect(server)
-        gt.feed(get_head(relay.ticket))
+        put, pt, get, gt = put_then_get(server, relay.ticket, 1000)
         pt.feed(b"x" * 10)
         get.connection_lost(BrokenPipeError("broken pipe"))
         assert relay.outcome is Outcome.DOWNLOAD_ABORTED
@@ -213,10 +218,7 @@ def test_idle_transfer_is_aborted_visibly() -> None:
         config = RelayConfig(port=0, read_buffer_bytes=BUF, idle_timeout_s=0.05)
         server = RelayServer(config, Registry())
         relay = server.registry.create("w", "s", "d")
-        put, pt = connect(server)
-        pt.feed(put_head(relay.ticket, 100))
-        get, gt = connect(server)
-        gt.feed(get_head(relay.ticket))
+        put, pt, get, gt = put_then_get(server, relay.ticket, 100)
         await asyncio.wait_for(relay.wait(), 5)
         assert relay.outcome is Outcome.IDLE_TIMEOUT
         assert gt.aborted and b"HTTP/1.1 500 " in pt.data
