@@ -266,6 +266,7 @@ class HttpConnection(asyncio.BufferedProtocol):
         self._mint_body = bytearray()
         self._mint_decoder = ChunkedDecoder() if head.chunked else None
         self.phase = Phase.MINT_BODY
+        self._arm_head_timer()  # a slow-dripped body is no better than a slow head
         if head.expect_continue:
             self.transport.write(CONTINUE_100)
 
@@ -292,6 +293,9 @@ class HttpConnection(asyncio.BufferedProtocol):
             if not decoder.done:
                 return False
         self._mint_body = self._mint_decoder = None
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         status, payload = self.server.mint(bytes(body))
         self._respond_small(status, "application/json", payload, head, body_read=True)
         return True
@@ -371,6 +375,8 @@ class HttpConnection(asyncio.BufferedProtocol):
         self._linger_timer = loop.call_later(self.server.config.linger_s, self.transport.close)
 
     def _arm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
         loop = asyncio.get_running_loop()
         self._head_timer = loop.call_later(
             self.server.config.header_timeout_s, self._head_timed_out
@@ -378,6 +384,9 @@ class HttpConnection(asyncio.BufferedProtocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
+        if self.phase is Phase.MINT_BODY:
+            self._reject(RequestTimeout())
+            return
         if self.phase is not Phase.HEAD:
             return
         if self.inbuf:

@@ -327,3 +327,15 @@ def test_failed_tls_handshakes_are_counted_and_harmless(
     assert healthy(relay)
     _, _, body = relay.raw(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert b"fastrelay_tls_handshake_failures_total 2" in body
+
+
+def test_slow_mint_body_is_cut_off(relay_factory: Callable[..., Relay]) -> None:
+    relay = relay_factory(header_timeout_s=0.5)
+    with relay.connect() as sock:
+        sock.sendall(
+            b"POST /api/exec-gateway/relay/create HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer test-secret\r\nContent-Length: 100\r\n\r\n{"
+        )
+        status, _, _ = parse_response(read_all(sock))
+    assert status == 408
+    assert healthy(relay)
