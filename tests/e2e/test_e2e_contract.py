@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 from conftest import SECRET, Relay, parse_response, read_all
-from test_e2e_transfer import AUTH, finish, wait_waiting
+from test_e2e_transfer import AUTH, finish, wait_waiting, waiting_get
 
 import fastrelay
 
@@ -52,14 +52,7 @@ def test_410_unknown_ticket(relay: Relay) -> None:
 
 def test_423_second_live_claim_and_single_use(relay: Relay) -> None:
     r = relay.create()
-    get = relay.popen(
-        "-H",
-        AUTH.format(r.ticket),
-        relay.url(r.ticket),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    wait_waiting(relay, r, "GET")
+    get = waiting_get(relay, r, stdout=subprocess.PIPE)
     status, _, body = request(
         relay, "GET", f"/relay/{r.ticket}", {"Authorization": f"Bearer {r.ticket}"}
     )
@@ -228,14 +221,7 @@ def test_download_gone_mid_stream_gives_the_source_500(relay: Relay) -> None:
 def test_idle_transfer_is_aborted_visibly(relay_factory: Callable[..., Relay]) -> None:
     relay = relay_factory(idle_timeout_s=0.5)
     r = relay.create()
-    get = relay.popen(
-        "-H",
-        AUTH.format(r.ticket),
-        relay.url(r.ticket),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    wait_waiting(relay, r, "GET")
+    get = waiting_get(relay, r, stdout=subprocess.DEVNULL)
     with relay.connect() as put_sock:
         put_sock.sendall(
             f"PUT /relay/{r.ticket} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {r.ticket}\r\nContent-Length: 1000\r\n\r\nabc".encode()

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import pytest
 import trustme
 from conftest import Relay, parse_response, read_all
-from test_e2e_transfer import AUTH, finish, wait_waiting
+from test_e2e_transfer import AUTH, finish, waiting_get
 
 H = "Host: x\r\n"
 
@@ -89,14 +89,7 @@ def test_half_closed_client_still_gets_its_answer(relay: Relay) -> None:
 
 def test_bad_chunk_framing_on_a_paired_upload(relay: Relay) -> None:
     r = relay.create()
-    get = relay.popen(
-        "-H",
-        AUTH.format(r.ticket),
-        relay.url(r.ticket),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    wait_waiting(relay, r, "GET")
+    get = waiting_get(relay, r, stdout=subprocess.PIPE)
     with relay.connect() as sock:
         sock.sendall(
             f"PUT /relay/{r.ticket} HTTP/1.1\r\n{H}Authorization: Bearer {r.ticket}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n".encode()

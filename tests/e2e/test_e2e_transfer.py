@@ -73,6 +73,22 @@ def wait_waiting(relay: Relay, r: fastrelay.Relay, side: str) -> None:
         time.sleep(0.01)
 
 
+def waiting_get(
+    relay: Relay, r: fastrelay.Relay, *args: str, stdout: int = subprocess.PIPE
+) -> subprocess.Popen[bytes]:
+    """A curl GET on ``r``, returned once the relay holds its claim."""
+    proc = relay.popen(
+        *args,
+        "-H",
+        AUTH.format(r.ticket),
+        relay.url(r.ticket),
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+    )
+    wait_waiting(relay, r, "GET")
+    return proc
+
+
 def test_content_length_upload_get_first(
     any_relay: Relay, payload_file: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:
