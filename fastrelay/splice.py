@@ -144,11 +144,13 @@ class Splice:
         """Send both heads and whatever body arrived while the PUT waited."""
         up_head = self.up.head
         assert up_head is not None
+        # A PUT with neither Content-Length nor chunked framing has an empty
+        # body (RFC 9112 §6.3): the GET must then say Content-Length: 0, not
+        # promise chunks that never come.
+        length = None if up_head.chunked else (up_head.content_length or 0)
         self.down_transport.write(
             download_head(
-                up_head.header("content-type"),
-                up_head.header("content-disposition"),
-                up_head.content_length,
+                up_head.header("content-type"), up_head.header("content-disposition"), length
             )
         )
         if up_head.expect_continue and not body_prefix:

@@ -224,3 +224,20 @@ def test_idle_transfer_is_aborted_visibly() -> None:
         assert gt.aborted and b"HTTP/1.1 500 " in pt.data
 
     run(main)
+
+
+def test_put_without_any_framing_is_an_empty_body_and_a_complete_get() -> None:
+    async def main() -> None:
+        server = make_server()
+        relay = server.registry.create("w", "s", "d")
+        get, gt = connect(server)
+        gt.feed(get_head(relay.ticket))
+        put, pt = connect(server)
+        pt.feed(
+            f"PUT /relay/{relay.ticket} HTTP/1.1\r\nHost: h\r\n"
+            f"Authorization: Bearer {relay.ticket}\r\n\r\n".encode()
+        )
+        assert b"Content-Length: 0\r\n" in gt.data and b"chunked" not in gt.data
+        assert relay.outcome is Outcome.OK and gt.closed and not gt.aborted
+
+    run(main)
