@@ -279,9 +279,8 @@ class Splice:
             self.forwarded = limit
             self._fail(Input.CUT_TOO_LARGE, PayloadTooLarge(decoder.payload, limit, self.forwarded))
             return
-        if total:
-            self._write_chunk(view, runs, total)
-            self.forwarded += total
+        self._write_chunk(view, runs, total)
+        self.forwarded += total
         if decoder.done:
             self.down_transport.write(_LAST_CHUNK)
             self._upload_complete()
