@@ -1,7 +1,9 @@
 """``fastrelay serve``: command line -> RelayConfig -> a running server.
 
 Configuration errors (port in use, unreadable certificate, bad flag values)
-exit with status 2 and one line on stderr, never a traceback.
+exit with status 2 and one line on stderr, never a traceback or usage block:
+``fastrelay: error: --ttl must be a positive number of seconds (got nan)``.
+Every message names the flag as the user types it, not the config field.
 """
 
 from __future__ import annotations
@@ -9,17 +11,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
+import re
 import secrets
 import signal
 import ssl
 import stat
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
-from .config import RelayConfig
+from .config import MAX_DURATION_S, ConfigValueError, RelayConfig, format_number
+from .logsafe import safe
 from .server import RelayServer
-from .tls import server_ssl_context
+from .tls import CertificateError, server_ssl_context
 
 SECRET_ENV = "FASTRELAY_SHARED_SECRET"
 log = logging.getLogger("fastrelay")
@@ -29,13 +35,59 @@ class ConfigError(Exception):
     """A problem with the command line or the files it names."""
 
 
+# RelayConfig field -> the flag that sets it, so errors speak the user's words.
+FLAGS = {
+    "port": "--port",
+    "certfile": "--certfile",
+    "keyfile": "--keyfile",
+    "ticket_ttl_s": "--ttl",
+    "max_ttl_s": "--max-ttl",
+    "max_per_workspace": "--max-per-workspace",
+    "idle_timeout_s": "--idle-timeout",
+    "header_timeout_s": "--header-timeout",
+    "max_connections": "--max-connections",
+    "max_pending": "--max-pending",
+    "read_buffer_bytes": "--buffer-size",
+    "kernel_splice_min_bytes": "--kernel-splice-min-bytes",
+}
+_FIELD_NAME = re.compile(r"\b(" + "|".join(FLAGS) + r")\b")
+_ARGUMENT = re.compile(r"^argument (\S+): (must .*)$", re.DOTALL)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, like every other error we print."""
+
+    def error(self, message: str) -> NoReturn:
+        # argparse says "argument --port: must be ..." for our type errors;
+        # drop the prefix so they read like the config errors.
+        m = _ARGUMENT.match(message)
+        if m is not None:
+            message = f"{m.group(1)} {m.group(2)}"
+        # The message may quote what the user typed, newlines and all.
+        self.exit(2, f"{self.prog.split()[0]}: error: {safe(message, 512)}\n")
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds (got {text})") from None
+
+
+def _whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number (got {text})") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastrelay", description=__doc__.splitlines()[0])
+    parser = Parser(prog="fastrelay", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the relay server")
     d = RelayConfig()
     serve.add_argument("--host", default=d.host, help="address to listen on (%(default)s)")
-    serve.add_argument("--port", type=int, default=d.port, help="port, 0 for any (%(default)s)")
+    serve.add_argument("--port", type=_whole, default=d.port, help="port, 0 for any (%(default)s)")
     serve.add_argument(
         "--public-url",
         help="base of upload_url/download_url in mint answers "
@@ -48,53 +100,59 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"file holding the mint secret (else ${SECRET_ENV}; else one is generated)",
     )
     serve.add_argument(
-        "--ttl", type=float, default=d.ticket_ttl_s, help="default pairing TTL, s (%(default)s)"
+        "--ttl", type=_number, default=d.ticket_ttl_s, help="default pairing TTL, s (%(default)s)"
+    )
+    serve.add_argument(
+        "--max-ttl",
+        type=_number,
+        default=d.max_ttl_s,
+        help="largest ttl_seconds a mint request may ask for, s (%(default)s)",
     )
     serve.add_argument(
         "--max-per-workspace",
-        type=int,
+        type=_whole,
         default=d.max_per_workspace,
         help="live tickets per workspace (%(default)s)",
     )
     serve.add_argument(
         "--idle-timeout",
-        type=float,
+        type=_number,
         default=d.idle_timeout_s,
         help="abort a paired transfer after this long without progress, s (%(default)s)",
     )
     serve.add_argument(
         "--header-timeout",
-        type=float,
+        type=_number,
         default=d.header_timeout_s,
         help="a request head must arrive within this, s (%(default)s)",
     )
     serve.add_argument(
         "--max-connections",
-        type=int,
+        type=_whole,
         default=d.max_connections,
         help="open connections at most; more are closed at once (%(default)s)",
     )
     serve.add_argument(
         "--max-pending",
-        type=int,
+        type=_whole,
         default=d.max_pending,
         help="minted but unpaired tickets at most; more get 503 at mint (%(default)s)",
     )
     serve.add_argument(
         "--drain-timeout",
-        type=float,
+        type=_number,
         default=30.0,
         help="on SIGTERM/SIGINT, let paired transfers run this long, s (%(default)s)",
     )
     serve.add_argument(
         "--buffer-size",
-        type=int,
+        type=_whole,
         default=d.read_buffer_bytes,
         help="upload receive buffer, bytes (%(default)s)",
     )
     serve.add_argument(
         "--kernel-splice-min-bytes",
-        type=int,
+        type=_whole,
         default=d.kernel_splice_min_bytes,
         help="plain Content-Length uploads with at least this many bytes left at pairing "
         "move through splice(2); 0 disables (%(default)s)",
@@ -136,6 +194,7 @@ def config_from_args(args: argparse.Namespace, secret: str) -> RelayConfig:
             certfile=args.certfile,
             keyfile=args.keyfile,
             ticket_ttl_s=args.ttl,
+            max_ttl_s=args.max_ttl,
             max_per_workspace=args.max_per_workspace,
             idle_timeout_s=args.idle_timeout,
             header_timeout_s=args.header_timeout,
@@ -144,8 +203,31 @@ def config_from_args(args: argparse.Namespace, secret: str) -> RelayConfig:
             read_buffer_bytes=args.buffer_size,
             kernel_splice_min_bytes=args.kernel_splice_min_bytes,
         )
+    except ConfigValueError as exc:
+        raise ConfigError(flag_message(exc)) from None
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def flag_message(exc: ConfigValueError) -> str:
+    """``exc`` reworded with flag names: "--ttl must be ... (got nan)"."""
+    if exc.field not in FLAGS:
+        return str(exc)
+
+    def flag(m: re.Match[str]) -> str:
+        return FLAGS[m.group(1)]
+
+    got = f" (got {exc.got})" if exc.got is not None else ""
+    return f"{FLAGS[exc.field]} {_FIELD_NAME.sub(flag, exc.requirement)}{got}"
+
+
+def check_drain_timeout(value: float) -> None:
+    # Not a RelayConfig field (serve() uses it), so it is checked here.
+    if not (math.isfinite(value) and 0 <= value <= MAX_DURATION_S):
+        raise ConfigError(
+            f"--drain-timeout must be a number of seconds 0-{MAX_DURATION_S:.0f} "
+            f"(got {format_number(value)})"
+        )
 
 
 def make_ssl(config: RelayConfig) -> ssl.SSLContext | None:
@@ -153,9 +235,11 @@ def make_ssl(config: RelayConfig) -> ssl.SSLContext | None:
         return None
     try:
         return server_ssl_context(config.certfile, config.keyfile)
-    except (OSError, ssl.SSLError) as exc:
+    except CertificateError as exc:
+        raise ConfigError(f"cannot load --{exc.role} {exc.path}: {exc.reason}") from None
+    except (OSError, ssl.SSLError) as exc:  # not expected: tls.py words its errors
         reason = getattr(exc, "strerror", None) or str(exc)
-        raise ConfigError(f"cannot load certificate/key: {reason}") from None
+        raise ConfigError(f"cannot load --certfile/--keyfile: {reason}") from None
 
 
 async def serve(
@@ -198,6 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        check_drain_timeout(args.drain_timeout)
         secret, generated = read_secret(args.shared_secret_file)
         config = config_from_args(args, secret)
         ssl_ctx = make_ssl(config)
@@ -210,7 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         run = _runner(args.loop)
         run(serve(config, ssl_ctx, args.drain_timeout))
     except ConfigError as exc:
-        print(f"fastrelay: error: {exc}", file=sys.stderr)
+        # One escaping point for every message: whatever a flag or a file
+        # name held, the error stays one line.
+        print(f"fastrelay: error: {safe(exc, 2048)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 0

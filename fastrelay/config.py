@@ -7,9 +7,82 @@ Built once (by the CLI or an embedding program), validated in
 from __future__ import annotations
 
 import dataclasses
+import math
 
 KIB = 1024
 MIB = 1024 * KIB
+
+MAX_DURATION_S = 365 * 86400.0
+"""Longest duration any setting accepts (a year). Far beyond any real use,
+and far below where a deadline overflows datetime or an event loop's
+millisecond timers."""
+
+MAX_BUFFER_BYTES = 64 * MIB
+"""Largest buffer or size limit: each one is allocated per connection, so a
+typo must not become an out-of-memory at the first request."""
+
+_DURATIONS = (
+    "ticket_ttl_s",
+    "max_ttl_s",
+    "idle_timeout_s",
+    "header_timeout_s",
+    "linger_s",
+)
+
+
+class ConfigValueError(ValueError):
+    """A `RelayConfig` field with a value out of range.
+
+    ``field`` is the field name, ``requirement`` says what is allowed
+    ("must be ..."), ``got`` is the offending value as text (None when it must
+    not be shown, e.g. a secret). ``str()`` is ``"<field> <requirement> (got
+    <got>)"``; the CLI rebuilds the line with its flag names instead.
+    """
+
+    def __init__(self, field: str, requirement: str, got: str | None = None) -> None:
+        self.field = field
+        self.requirement = requirement
+        self.got = got
+        suffix = f" (got {got})" if got is not None else ""
+        super().__init__(f"{field} {requirement}{suffix}")
+
+
+def format_number(value: object) -> str:
+    """A number as a user would have typed it: 300 not 300.0, nan, inf."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e16:
+        return str(int(value))
+    return str(value) if isinstance(value, int | float) else repr(value)
+
+
+def _bytes_range(low: int) -> str:
+    return f"must be a whole number of bytes {low}-{MAX_BUFFER_BYTES}"
+
+
+def _check_seconds(config: RelayConfig, name: str) -> None:
+    value = getattr(config, name)
+    # bool is an int subclass but never a meant duration; nan compares false
+    # with everything, so finiteness is checked explicitly.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigValueError(name, "must be a positive number of seconds", format_number(value))
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigValueError(name, "must be a positive number of seconds", format_number(value))
+    if value > MAX_DURATION_S:
+        raise ConfigValueError(
+            name, f"must be at most {format_number(MAX_DURATION_S)} seconds", format_number(value)
+        )
+
+
+def _check_int(
+    config: RelayConfig, name: str, low: int, high: int | None, requirement: str
+) -> None:
+    value = getattr(config, name)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < low
+        or (high is not None and value > high)
+    ):
+        raise ConfigValueError(name, requirement, format_number(value))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -35,6 +108,10 @@ class RelayConfig:
 
     ticket_ttl_s: float = 300.0
     """Default pairing deadline of a minted ticket (Go DefaultRelayTTL)."""
+
+    max_ttl_s: float = 86400.0
+    """Largest ``ttl_seconds`` a mint request may ask for; more gets 400.
+    ``ticket_ttl_s`` must not exceed it."""
 
     max_per_workspace: int = 16
     """Live tickets one workspace may hold, mint to cleanup (Go default)."""
@@ -84,25 +161,37 @@ class RelayConfig:
     client reads our answer instead of a reset."""
 
     def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be 0-65535, got {self.port}")
+        _check_int(self, "port", 0, 65535, "must be a whole number 0-65535")
         if (self.certfile is None) != (self.keyfile is None):
-            raise ValueError("certfile and keyfile go together")
-        for name in ("ticket_ttl_s", "idle_timeout_s", "header_timeout_s", "linger_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0")
-        if self.max_connections < 1 or self.max_pending < 1 or self.tcp_keepalive_s < 1:
-            raise ValueError("max_connections, max_pending and tcp_keepalive_s must be >= 1")
-        if self.max_per_workspace < 1:
-            raise ValueError("max_per_workspace must be >= 1")
-        if self.max_head_bytes < 1024:
-            raise ValueError("max_head_bytes must be >= 1024")
-        if self.read_buffer_bytes < 4 * KIB:
-            raise ValueError("read_buffer_bytes must be >= 4096")
-        if not 0 < self.tls_write_low_bytes <= self.tls_write_high_bytes:
-            raise ValueError("need 0 < tls_write_low_bytes <= tls_write_high_bytes")
+            missing = "keyfile" if self.keyfile is None else "certfile"
+            other = "certfile" if missing == "keyfile" else "keyfile"
+            raise ConfigValueError(missing, f"is required with {other}")
+        for name in _DURATIONS:
+            _check_seconds(self, name)
+        if self.ticket_ttl_s > self.max_ttl_s:
+            raise ConfigValueError(
+                "ticket_ttl_s",
+                f"must be at most max_ttl_s ({format_number(self.max_ttl_s)})",
+                format_number(self.ticket_ttl_s),
+            )
+        for name in ("max_per_workspace", "max_connections", "max_pending"):
+            _check_int(self, name, 1, None, "must be a whole number >= 1")
+        # Linux refuses TCP_KEEPIDLE/TCP_KEEPINTVL above 32767 s at accept time.
+        _check_int(self, "tcp_keepalive_s", 1, 32767, "must be a whole number of seconds 1-32767")
+        _check_int(self, "max_head_bytes", 1024, MAX_BUFFER_BYTES, _bytes_range(1024))
+        _check_int(self, "max_mint_body_bytes", 1, MAX_BUFFER_BYTES, _bytes_range(1))
+        _check_int(self, "read_buffer_bytes", 4 * KIB, MAX_BUFFER_BYTES, _bytes_range(4 * KIB))
+        _check_int(self, "kernel_splice_min_bytes", 0, None, "must be a whole number of bytes >= 0")
+        _check_int(self, "tls_write_high_bytes", 1, MAX_BUFFER_BYTES, _bytes_range(1))
+        _check_int(
+            self,
+            "tls_write_low_bytes",
+            1,
+            self.tls_write_high_bytes,
+            "must be a whole number of bytes, > 0 and <= tls_write_high_bytes",
+        )
         if self.shared_secret is not None and not self.shared_secret:
-            raise ValueError("shared_secret must not be empty")
+            raise ConfigValueError("shared_secret", "must not be empty")  # never echo secrets
 
     @property
     def tls(self) -> bool:

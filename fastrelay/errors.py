@@ -268,3 +268,14 @@ class MintDisabled(MintError):
 
     def __init__(self, why: str = "relay minting disabled") -> None:
         super().__init__(why)
+
+
+class InvalidField(MintError):
+    """A well-formed mint request with a field out of bounds. The message names
+    the field so the orchestrator knows what to fix; ``field`` is its JSON key."""
+
+    status = 400
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field

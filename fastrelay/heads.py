@@ -8,13 +8,28 @@ in pieces. So the protocol finds the end of the head itself with
 `find_head_end` (answering 431 when it is not within ``max_head_bytes``),
 gives h11 exactly the head bytes, and takes the body from its own buffer.
 
+There is exactly one framing: `find_head_end` cuts a head where h11 would
+(the first ``\n\r?\n``), and `parse_head` checks that h11 consumed exactly
+those bytes. Wherever the two could disagree the request is refused, and
+the caller closes the connection (a property test in tests/unit feeds
+arbitrary byte streams, split anywhere, and compares with h11).
+
 `parse_head` turns the h11 `Request` into a `RequestHead`, and `route` maps
 it to what the server should do, raising the `RelayError` the client should
-see. Framing rules we enforce beyond h11:
+see. Rules we enforce beyond h11, each a 400 (nginx-style):
 
-* ``Content-Length`` together with ``Transfer-Encoding`` is refused (400):
-  h11 would accept it and frame as chunked, a request-smuggling risk;
-* only ``Transfer-Encoding: chunked`` is accepted (h11 answers 501 for others).
+* obsolete line folding anywhere in a head (h11 joins folded lines);
+* a second ``Authorization``, ``Content-Length``, ``Transfer-Encoding``,
+  ``Host``, ``Content-Type``, ``Content-Disposition`` or ``Expect`` field,
+  or a Content-Length list (h11 merges ``5, 5``);
+* ``Content-Length`` together with ``Transfer-Encoding`` (h11 would frame
+  as chunked, a front proxy may not);
+* ``Transfer-Encoding`` in an HTTP/1.0 request (RFC 9112 §6.1);
+* control characters in a field value.
+
+Only ``Transfer-Encoding: chunked`` is accepted (501 for others). Copied
+headers (``Content-Type``, ``Content-Disposition``) that are not visible
+ASCII are dropped, and their names reported in ``RequestHead.dropped``.
 
 Responses are small and fixed in shape, so we format their heads directly
 rather than drive h11's writer: a relay answers one request per connection
@@ -51,6 +66,36 @@ METRICS_PATH = "/metrics"
 # §5.5); h11 lets some through, and they are a classic injection vector.
 _CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
+# h11's own end-of-head rule (see find_head_end).
+_HEAD_END = re.compile(rb"\n\r?\n")
+
+# A header line that starts with SP or HTAB continues the previous one
+# (obs-fold, RFC 9112 §5.2). h11 joins such lines; we refuse them outright,
+# as nginx does: a folded Transfer-Encoding or Content-Length is read
+# differently by different parsers.
+_OBS_FOLD = re.compile(rb"\n[ \t]")
+
+# Fields that must appear at most once. Two Authorization headers let a
+# proxy check one and us use the other; two framing or Host fields are the
+# classic smuggling pair.
+_SINGLETONS = frozenset(
+    {
+        b"authorization",
+        b"content-length",
+        b"transfer-encoding",
+        b"host",
+        b"content-type",
+        b"content-disposition",
+        b"expect",
+    }
+)
+
+# Headers copied from the PUT onto the GET's answer must be visible ASCII
+# (VCHAR and SP): anything else is dropped rather than relayed to a client
+# that may interpret it differently.
+_VISIBLE_ASCII = re.compile(rb"[\x20-\x7e]*")
+COPIED_HEADERS = ("content-type", "content-disposition")
+
 # Bodies bigger than this cannot be a real Content-Length (2**63 - 1, Go's int64).
 MAX_CONTENT_LENGTH = 2**63 - 1
 
@@ -58,19 +103,21 @@ MAX_CONTENT_LENGTH = 2**63 - 1
 def find_head_end(buf: bytes | bytearray, max_head_bytes: int) -> int | None:
     """Index just past the blank line ending the head, or None if not yet seen.
 
+    The end of a head is exactly where h11 puts it: just past the first
+    ``\n\r?\n`` (h11 ``_receivebuffer.blank_line_regex``). Any other rule
+    (say, ``\r\n\r\n`` or ``\n\n`` only) disagrees with h11 on a head whose
+    last line ends in a bare LF followed by CRLF, and two parsers that
+    disagree on where a request ends are a request-smuggling hole.
+    `parse_head` then checks that h11 consumed exactly these bytes.
+
     Raises `HeadTooLarge` once ``max_head_bytes`` have arrived without one.
-    Bare-LF line ends are accepted, as h11 accepts them.
     """
-    limit = max_head_bytes + 4
-    crlf = buf.find(b"\r\n\r\n", 0, limit)
-    lf = buf.find(b"\n\n", 0, limit)
-    ends = [i + 4 for i in (crlf,) if i >= 0] + [i + 2 for i in (lf,) if i >= 0]
-    end = min(ends) if ends else None
-    if end is None or end > max_head_bytes:
-        if end is not None or len(buf) >= max_head_bytes:
+    match = _HEAD_END.search(buf, 0, max_head_bytes)
+    if match is None:
+        if len(buf) >= max_head_bytes:
             raise HeadTooLarge()
         return None
-    return end
+    return match.end()
 
 
 class Route(enum.Enum):
@@ -86,11 +133,16 @@ class RequestHead:
     method: str
     path: str
     headers: dict[str, str]
-    """Lower-cased names; the first value of a repeated field."""
+    """Lower-cased names; every name appears once (see `_SINGLETONS`), or,
+    for a repeatable field, its first value."""
     content_length: int | None
     chunked: bool
     expect_continue: bool
     keep_alive: bool
+    http10: bool = False
+    """An HTTP/1.0 request: its answer must not be chunked."""
+    dropped: tuple[str, ...] = ()
+    """Names of `COPIED_HEADERS` refused for not being visible ASCII."""
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name)
@@ -101,10 +153,16 @@ class RequestHead:
 
 
 def parse_head(raw: bytes) -> RequestHead:
-    """Parse one complete request head (through its blank line).
+    """Parse one complete request head (through its blank line, as cut by
+    `find_head_end`).
 
-    Raises a `RelayError` (400, 431, 501) for anything malformed.
+    Raises a `RelayError` (400, 431, 501, 505) for anything malformed or
+    ambiguous; a caller must then close the connection, since the request's
+    extent is in doubt.
     """
+    if _OBS_FOLD.search(raw):
+        raise BadRequest("obsolete line folding")
+    _refuse_repeated_singletons(raw)
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=len(raw) + 1)
     try:
         conn.receive_data(raw)
@@ -113,48 +171,58 @@ def parse_head(raw: bytes) -> RequestHead:
         raise _map_h11_error(exc) from exc
     if not isinstance(event, h11.Request):  # NEED_DATA: the caller cut the head wrong
         raise BadRequest()
+    if conn.trailing_data[0]:
+        # h11 ended the head before our cut: the two framings disagree.
+        raise BadRequest("ambiguous request framing")
     if event.http_version not in (b"1.0", b"1.1"):
         raise VersionNotSupported()
+    http10 = event.http_version == b"1.0"
 
     headers: dict[str, str] = {}
-    content_lengths: list[bytes] = []
-    transfer_encodings: list[bytes] = []
+    content_length: int | None = None
+    transfer_encoding: bytes | None = None
     connection_tokens: list[bytes] = []
+    dropped: list[str] = []
     expect = False
     for name, value in event.headers:
         if _CONTROL_BYTES.search(value):
             raise BadRequest("invalid header value")
+        key = name.decode("ascii")
+        if key in headers:
+            continue  # a repeatable field: keep the first value
         if name == b"content-length":
-            content_lengths.append(value)
+            # h11 refused non-digits and conflicting values.
+            content_length = int(value)
+            if content_length > MAX_CONTENT_LENGTH:
+                raise BadRequest("Content-Length too large")
         elif name == b"transfer-encoding":
-            transfer_encodings.append(value.lower())
+            transfer_encoding = value.lower()
         elif name == b"connection":
             connection_tokens.extend(t.strip().lower() for t in value.split(b","))
-        elif name == b"expect" and value.lower() == b"100-continue":
-            expect = True
-        key = name.decode("ascii")
-        if key not in headers:
-            headers[key] = value.decode("latin-1")
+        elif name == b"expect":
+            expect = value.lower() == b"100-continue"
+        elif key in COPIED_HEADERS and _VISIBLE_ASCII.fullmatch(value) is None:
+            dropped.append(key)
+            continue
+        headers[key] = value.decode("latin-1")
 
-    if content_lengths and transfer_encodings:
-        raise BadRequest("both Content-Length and Transfer-Encoding")
     chunked = False
-    if transfer_encodings:
-        if transfer_encodings != [b"chunked"]:
+    if transfer_encoding is not None:
+        if content_length is not None:
+            # h11 would frame this as chunked; a front proxy may use the
+            # length. Refuse rather than pick one (RFC 9112 §6.3).
+            raise BadRequest("both Content-Length and Transfer-Encoding")
+        if http10:
+            # RFC 9112 §6.1: Transfer-Encoding in a 1.0 request is faulty framing.
+            raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
+        if transfer_encoding != b"chunked":
             raise NotImplementedFraming()
         chunked = True
-    content_length: int | None = None
-    if content_lengths:
-        # h11 already refused non-digits and conflicting duplicates.
-        content_length = int(content_lengths[0])
-        if content_length > MAX_CONTENT_LENGTH:
-            raise BadRequest("Content-Length too large")
 
-    version = event.http_version
-    if version == b"1.0":
-        keep_alive = b"keep-alive" in connection_tokens
-    else:
-        keep_alive = b"close" not in connection_tokens
+    # HTTP/1.0 closes unless asked not to; 1.1 keeps unless asked to close.
+    keep_alive = (
+        b"keep-alive" in connection_tokens if http10 else b"close" not in connection_tokens
+    )
     target = event.target.decode("ascii", "replace")
     path = target.split("?", 1)[0]
     return RequestHead(
@@ -163,9 +231,30 @@ def parse_head(raw: bytes) -> RequestHead:
         headers=headers,
         content_length=content_length,
         chunked=chunked,
-        expect_continue=expect and version == b"1.1",
+        expect_continue=expect and not http10,
         keep_alive=keep_alive,
+        http10=http10,
+        dropped=tuple(dropped),
     )
+
+
+def _refuse_repeated_singletons(raw: bytes) -> None:
+    """400 if a `_SINGLETONS` field appears twice, or Content-Length is a list.
+
+    Done on the raw lines because h11 silently merges equal Content-Length
+    fields and answers 501 (not 400) for a second Transfer-Encoding.
+    """
+    seen: set[bytes] = set()
+    for line in raw.split(b"\n")[1:]:
+        name, _, value = line.partition(b":")
+        name = name.lower()
+        if name == b"content-length" and b"," in value:
+            # h11 reads "5, 5" as 5; a list is as ambiguous as two fields.
+            raise BadRequest("Content-Length is a list")
+        if name in _SINGLETONS:
+            if name in seen:
+                raise BadRequest(f"repeated {name.decode('ascii')} header")
+            seen.add(name)
 
 
 def _map_h11_error(exc: h11.RemoteProtocolError) -> RelayError:

@@ -2,9 +2,17 @@
 
 Request parsing follows the Go handler's decoder: the first JSON value must
 be an object; fields of the wrong type (a string ``ttl_seconds``, a float
-``max_bytes``) are "invalid JSON"; unknown fields are ignored; the three ids
-must be non-empty strings. ``ttl_seconds``/``max_bytes`` of 0, negative or
-absent mean "default" and "unlimited".
+``max_bytes``) are "invalid JSON"; unknown fields are ignored; duplicate keys
+keep the last value; ``null`` is the empty object; the three ids must be
+non-empty strings. ``ttl_seconds``/``max_bytes`` of 0, negative or absent
+mean "default" and "unlimited".
+
+On top of Go's rules the body is bounded before it can hurt us (see
+docs/operations.md, "Input limits (mint)"): it must be UTF-8 without a BOM,
+nest at most `MAX_DEPTH` levels, carry ids of at most `MAX_ID_BYTES` bytes of
+printable text, and a ``ttl_seconds`` of at most ``max_ttl_s``. Whatever the
+bytes, `parse_mint_request` returns a `MintRequest` or raises a `RelayError`
+(400): nothing else can escape it.
 
 The answer is the Go JSON encoder's: compact, newline-terminated.
 """
@@ -14,12 +22,38 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import json
-from typing import Any
+import re
+from typing import Any, NoReturn
 
-from .errors import InvalidJSON, MintUnauthorized, MissingIds
+from .errors import InvalidField, InvalidJSON, MintUnauthorized, MissingIds
 from .tickets import extract_bearer_ticket
 
 _MAX_INT64 = 2**63 - 1
+
+MAX_DEPTH = 32
+"""Deepest ``[``/``{`` nesting accepted. A mint request needs 1; the bound
+exists so json.loads never recurses deep enough to raise RecursionError."""
+
+MAX_ID_BYTES = 256
+"""Longest workspace/source/dest id, in UTF-8 bytes. Ids go into logs and
+map keys: they must stay small."""
+
+DEFAULT_MAX_TTL_S = 86400.0
+"""Largest ``ttl_seconds`` accepted unless the server says otherwise (1 day)."""
+
+ID_FIELDS = ("workspace_id", "source_exe_id", "dest_exe_id")
+
+# A JSON string (with its escapes) or one bracket. Strings are matched whole
+# so brackets inside them are skipped; the unrolled form is linear time. An
+# unterminated string leaves its quote unmatched and the rest is scanned as
+# structure, which can only turn already-invalid JSON into InvalidJSON.
+_STRUCTURE = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
+_OPEN = frozenset(b"[{")
+
+# C0, DEL, C1 and the two Unicode line/paragraph separators: anything that
+# can split or recolour a log line, or hide in a terminal.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -38,32 +72,96 @@ def check_secret(authorization: str | None, secret: str) -> None:
         raise MintUnauthorized()
 
 
-def parse_mint_request(body: bytes) -> MintRequest:
+def _too_deep(body: bytes) -> bool:
+    """Whether brackets outside strings nest deeper than MAX_DEPTH. One
+    iterative pass, so its cost is linear and it cannot recurse itself."""
+    depth = 0
+    for match in _STRUCTURE.finditer(body):
+        token = match.group()
+        if len(token) != 1:
+            continue  # a whole string: brackets inside it are text
+        if token[0] in _OPEN:
+            depth += 1
+            if depth > MAX_DEPTH:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def _reject_constant(name: str) -> NoReturn:
+    # Python accepts NaN/Infinity/-Infinity; Go's decoder (and JSON) do not.
+    raise ValueError(name)
+
+
+def _decode(body: bytes) -> Any:
+    if body.startswith(b"\xef\xbb\xbf"):
+        raise InvalidJSON()  # Go rejects a BOM as an invalid character
     try:
-        doc: Any = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        # Decode explicitly: json.loads(bytes) would guess UTF-16/32 and
+        # accept what Go refuses. Strict UTF-8 turns those into NULs and
+        # stray bytes, which json.loads then rejects.
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
         raise InvalidJSON() from None
+    if _too_deep(body):
+        raise InvalidJSON()
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        # ValueError covers syntax errors and ints of more digits than
+        # sys.get_int_max_str_digits; RecursionError is unreachable after
+        # the depth scan and caught only as a last line of defence.
+        raise InvalidJSON() from None
+
+
+def _clean_id(key: str, value: str) -> str:
+    # Lone surrogates (from "\ud800" escapes) are what Go turns into U+FFFD;
+    # doing the same keeps them from breaking UTF-8 log streams later.
+    value = _SURROGATE.sub("\ufffd", value)
+    if len(value.encode("utf-8")) > MAX_ID_BYTES or _UNPRINTABLE.search(value):
+        raise InvalidField(key, f"{key} must be at most {MAX_ID_BYTES} bytes of printable text")
+    return value
+
+
+def _seconds(value: float) -> str:
+    value = float(value)
+    return str(int(value)) if value.is_integer() else f"{value:g}"
+
+
+def parse_mint_request(body: bytes, max_ttl_s: float = DEFAULT_MAX_TTL_S) -> MintRequest:
+    """Parse a mint body as the Go handler does, within the input limits.
+
+    Raises `InvalidJSON`, `MissingIds` or `InvalidField` (all 400) and nothing
+    else, whatever ``body`` holds."""
+    doc = _decode(body)
     if doc is None:  # Go decodes null into the zero struct
         doc = {}
     if not isinstance(doc, dict):
         raise InvalidJSON()
-    ids = []
-    for key in ("workspace_id", "source_exe_id", "dest_exe_id"):
+    ids: list[str] = []
+    for key in ID_FIELDS:
         value = doc.get(key)
         if value is not None and not isinstance(value, str):
             raise InvalidJSON()
         ids.append(value or "")
-    ints = []
+    ints: list[int] = []
     for key in ("ttl_seconds", "max_bytes"):
         value = doc.get(key)
         if value is None:
             value = 0
         if isinstance(value, bool) or not isinstance(value, int) or abs(value) > _MAX_INT64:
-            raise InvalidJSON()
+            raise InvalidJSON()  # Go: not an int64, so the decode fails
         ints.append(value)
     if not all(ids):
         raise MissingIds()
-    return MintRequest(ids[0], ids[1], ids[2], ints[0], ints[1])
+    ids = [_clean_id(key, value) for key, value in zip(ID_FIELDS, ids, strict=True)]
+    ttl_seconds, max_bytes = ints
+    # Compared as int against float, which Python does exactly: no float()
+    # of a huge int, so no OverflowError and no rounding at the boundary.
+    if ttl_seconds > max_ttl_s:
+        raise InvalidField("ttl_seconds", f"ttl_seconds must be at most {_seconds(max_ttl_s)}")
+    return MintRequest(ids[0], ids[1], ids[2], ttl_seconds, max_bytes)
 
 
 def mint_response_body(ticket: str, base_url: str, expires_at_rfc3339: str) -> bytes:

@@ -2,7 +2,9 @@
 
 Everything here runs once per relay, never per chunk. Tickets never appear:
 only `tickets.ticket_id`, a short hash that cannot be turned back into the
-ticket.
+ticket. Every client-supplied value (ids, error messages) goes through
+`logsafe.safe`, so a record is always one bounded line whatever the client
+sent.
 """
 
 from __future__ import annotations
@@ -10,10 +12,24 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
+from .logsafe import safe
+from .mint import MAX_ID_BYTES
 from .session import Outcome, RelaySession
 from .tickets import ticket_id
 
 log = logging.getLogger("fastrelay")
+
+# A minted id is at most MAX_ID_BYTES, so it is logged whole; ids given
+# in-process (Registry.create) and error texts are cut at the same size.
+_LOG_LIMIT = MAX_ID_BYTES
+
+
+def _ids(relay: Finished) -> tuple[str, str, str]:
+    return (
+        safe(relay.workspace_id, _LOG_LIMIT),
+        safe(relay.source_exe_id, _LOG_LIMIT),
+        safe(relay.dest_exe_id, _LOG_LIMIT),
+    )
 
 
 class Finished(Protocol):
@@ -92,9 +108,7 @@ def log_created(relay: Finished, ttl_s: float, max_bytes: int) -> None:
         log.info(
             "relay created id=%s workspace=%s source=%s dest=%s ttl_s=%g max_bytes=%d",
             ticket_id(relay.ticket),
-            relay.workspace_id,
-            relay.source_exe_id,
-            relay.dest_exe_id,
+            *_ids(relay),
             ttl_s,
             max_bytes,
         )
@@ -112,11 +126,9 @@ def log_finished(relay: Finished) -> None:
             "wait_s=%.3f transfer_s=%.3f%s",
             ticket_id(relay.ticket),
             session.outcome.value,
-            relay.workspace_id,
-            relay.source_exe_id,
-            relay.dest_exe_id,
+            *_ids(relay),
             relay.bytes,
             session.waited_s(),
             session.transfer_s(),
-            f" error={err}" if err is not None else "",
+            f" error={safe(err, _LOG_LIMIT)}" if err is not None else "",
         )

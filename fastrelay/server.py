@@ -204,7 +204,7 @@ class RelayServer:
             raise MintDisabled("relay: too many pending relays")
 
     def mint(self, body: bytes) -> tuple[int, bytes]:
-        request = mint.parse_mint_request(body)
+        request = mint.parse_mint_request(body, max_ttl_s=self.config.max_ttl_s)
         relay = self.registry.create(
             request.workspace_id,
             request.source_exe_id,
