@@ -8,6 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+
+# A Host header we are willing to put into URLs: a DNS name or IPv4 address,
+# or a bracketed IPv6 literal, and an optional port. Nothing else (no
+# userinfo, paths or odd bytes) reaches a mint answer.
+_HOST_HEADER = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?"
+)
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -155,6 +163,17 @@ class RelayConfig:
 
     tls_write_low_bytes: int = 64 * KIB
 
+    waiting_body_bytes: int = 256 * KIB
+    """Body bytes of a waiting upload read and held until it pairs. Reading
+    them is what shows a killed uploader (its FIN queues behind every byte
+    we have not read: a body that fits in this plus the socket's receive
+    buffer, ~128 KiB, is seen to die; a larger one is not, and the GET that
+    pairs with it fails visibly instead)."""
+
+    max_waiting_body_total: int = 64 * MIB
+    """All waiting uploads together hold at most this much; past it, new
+    waiting uploads are not read until they pair."""
+
     linger_s: float = 2.0
     """After an early error answer to a request whose body we did not read,
     keep reading and discarding for up to this long before closing, so the
@@ -183,6 +202,8 @@ class RelayConfig:
         _check_int(self, "read_buffer_bytes", 4 * KIB, MAX_BUFFER_BYTES, _bytes_range(4 * KIB))
         _check_int(self, "kernel_splice_min_bytes", 0, None, "must be a whole number of bytes >= 0")
         _check_int(self, "tls_write_high_bytes", 1, MAX_BUFFER_BYTES, _bytes_range(1))
+        _check_int(self, "waiting_body_bytes", 1, MAX_BUFFER_BYTES, _bytes_range(1))
+        _check_int(self, "max_waiting_body_total", 0, None, "must be a whole number of bytes >= 0")
         _check_int(
             self,
             "tls_write_low_bytes",
@@ -197,16 +218,28 @@ class RelayConfig:
     def tls(self) -> bool:
         return self.certfile is not None
 
-    def base_url(self, bound_port: int, tls: bool) -> str:
-        """The public base URL, without a trailing slash. A wildcard listen
-        address is no address a client can use: we say 127.0.0.1 and expect
-        ``public_url`` to be set for anything but local use."""
+    @property
+    def wildcard_host(self) -> bool:
+        """Listening on every address: no one address is *the* public one."""
+        return self.host in ("", "0.0.0.0", "::")
+
+    def base_url(self, bound_port: int, tls: bool, request_host: str | None = None) -> str:
+        """The public base URL, without a trailing slash.
+
+        ``public_url`` wins. Otherwise, on a wildcard listen address, the
+        mint request's ``Host`` (``request_host``) is the address the minter
+        reached us at, so the URLs point there; without one (in-process
+        minting) we say 127.0.0.1.
+        """
         if self.public_url:
             return self.public_url.rstrip("/")
         scheme = "https" if tls else "http"
-        host = self.host
-        if host in ("", "0.0.0.0", "::"):
+        if self.wildcard_host:
+            if request_host is not None and _HOST_HEADER.fullmatch(request_host):
+                return f"{scheme}://{request_host}"
             host = "127.0.0.1"
+        else:
+            host = self.host
         if ":" in host:
             host = f"[{host}]"
         return f"{scheme}://{host}:{bound_port}"

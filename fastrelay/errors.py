@@ -110,6 +110,15 @@ class VersionNotSupported(TextError):
         super().__init__("HTTP version not supported")
 
 
+class InternalError(TextError):
+    """A bug on our side; the client sees a plain 500, the log one line."""
+
+    status = 500
+
+    def __init__(self) -> None:
+        super().__init__("internal server error")
+
+
 # --- ticket errors (/relay/{ticket}, checks 1-4 of PROTOCOL.md) ------------------
 
 

@@ -220,9 +220,7 @@ def parse_head(raw: bytes) -> RequestHead:
         chunked = True
 
     # HTTP/1.0 closes unless asked not to; 1.1 keeps unless asked to close.
-    keep_alive = (
-        b"keep-alive" in connection_tokens if http10 else b"close" not in connection_tokens
-    )
+    keep_alive = b"keep-alive" in connection_tokens if http10 else b"close" not in connection_tokens
     target = event.target.decode("ascii", "replace")
     path = target.split("?", 1)[0]
     return RequestHead(
@@ -318,34 +316,50 @@ def simple_response(
     *,
     close: bool,
     extra: list[tuple[str, str]] | None = None,
+    head_only: bool = False,
 ) -> bytes:
-    """A whole response with a fixed-length body."""
+    """A whole response with a fixed-length body (just the head for HEAD)."""
     headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
     if content_type.startswith("text/plain"):
         headers.append(("X-Content-Type-Options", "nosniff"))
     if extra:
         headers.extend(extra)
-    return response_head(status, headers, close=close) + body
+    head = response_head(status, headers, close=close)
+    # A HEAD answer never has a body (RFC 9110 §9.3.2): bytes after its head
+    # would be read as the start of the next response.
+    return head if head_only else head + body
 
 
-def error_response(err: RelayError, *, close: bool) -> bytes:
+def error_response(err: RelayError, *, close: bool, head_only: bool = False) -> bytes:
     extra = [("Allow", err.allow)] if isinstance(err, MethodNotAllowed) else None
-    return simple_response(err.status, err.content_type, err.body(), close=close, extra=extra)
+    return simple_response(
+        err.status, err.content_type, err.body(), close=close, extra=extra, head_only=head_only
+    )
 
 
 def download_head(
-    content_type: str | None, content_disposition: str | None, content_length: int | None
+    content_type: str | None,
+    content_disposition: str | None,
+    content_length: int | None,
+    *,
+    close_delimited: bool = False,
 ) -> bytes:
-    """The GET's 200 head. A known length is passed on; otherwise chunked.
+    """The GET's 200 head: the PUT's length when known, else chunked.
 
-    Never a close-delimited body: curl cannot tell a truncated one from a
-    complete one (runtime-facts §7).
+    A close-delimited body (``close_delimited``: only for an HTTP/1.0 client,
+    which cannot read chunks) ends at our close; its failure is a reset. It
+    is never used otherwise: a client cannot tell a truncated close-delimited
+    body from a complete one unless the connection is reset (runtime-facts
+    §7). Success answers do not announce ``Connection: close``: the
+    connection stays open for the client's next request.
     """
     headers = [("Content-Type", content_type or "application/octet-stream")]
     if content_disposition:
         headers.append(("Content-Disposition", content_disposition))
-    if content_length is None:
+    if close_delimited:
+        pass
+    elif content_length is None:
         headers.append(("Transfer-Encoding", "chunked"))
     else:
         headers.append(("Content-Length", str(content_length)))
-    return response_head(200, headers, close=True)
+    return response_head(200, headers, close=close_delimited)

@@ -3,8 +3,10 @@
 Everything here runs once per relay, never per chunk. Tickets never appear:
 only `tickets.ticket_id`, a short hash that cannot be turned back into the
 ticket. Every client-supplied value (ids, error messages) goes through
-`logsafe.safe`, so a record is always one bounded line whatever the client
-sent.
+`logsafe.safe` in the text message, so a record is always one bounded line
+whatever the client sent. The same values also travel as structured fields
+(``extra={"event": ..., "fields": {...}}``, bounded but not escaped) for
+`logformat.JsonFormatter`, whose JSON encoding escapes them.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class Finished(Protocol):
 
 
 class Metrics:
-    """Counters derived from outcomes; rendered as Prometheus text."""
+    """Counters derived from outcomes; `metrics.RelayCollector` exposes them."""
 
     __slots__ = ("bytes_total", "outcomes", "paired", "pairing_s_sum", "transfer_s_sum")
 
@@ -71,46 +73,40 @@ class Metrics:
             self.pairing_s_sum += session.waited_s()
             self.transfer_s_sum += session.transfer_s()
 
-    def render(self, active: int, waiting: int, connections: int) -> bytes:
-        lines = [
-            "# HELP fastrelay_relays_total Relays finished, by outcome.",
-            "# TYPE fastrelay_relays_total counter",
-        ]
-        for outcome, n in self.outcomes.items():
-            lines.append(f'fastrelay_relays_total{{outcome="{outcome.value}"}} {n}')
-        lines += [
-            "# HELP fastrelay_bytes_total Payload bytes delivered to destinations.",
-            "# TYPE fastrelay_bytes_total counter",
-            f"fastrelay_bytes_total {self.bytes_total}",
-            "# HELP fastrelay_active_relays Live tickets (any state).",
-            "# TYPE fastrelay_active_relays gauge",
-            f"fastrelay_active_relays {active}",
-            "# HELP fastrelay_waiting_relays Live tickets not yet paired.",
-            "# TYPE fastrelay_waiting_relays gauge",
-            f"fastrelay_waiting_relays {waiting}",
-            "# HELP fastrelay_connections Open client connections.",
-            "# TYPE fastrelay_connections gauge",
-            f"fastrelay_connections {connections}",
-            "# HELP fastrelay_pairing_seconds Mint-to-pairing time of paired relays.",
-            "# TYPE fastrelay_pairing_seconds summary",
-            f"fastrelay_pairing_seconds_sum {self.pairing_s_sum:.6f}",
-            f"fastrelay_pairing_seconds_count {self.paired}",
-            "# HELP fastrelay_transfer_seconds Pairing-to-end time of paired relays.",
-            "# TYPE fastrelay_transfer_seconds summary",
-            f"fastrelay_transfer_seconds_sum {self.transfer_s_sum:.6f}",
-            f"fastrelay_transfer_seconds_count {self.paired}",
-        ]
-        return ("\n".join(lines) + "\n").encode()
+
+def _cut(value: object) -> str:
+    """A client-supplied value for a structured field: bounded, but not
+    escaped (the JSON encoder escapes; `logsafe.safe` is for the text line)."""
+    try:
+        text = value if isinstance(value, str) else str(value)
+    except Exception:  # a broken __str__ must not break the log call
+        text = f"<unprintable {type(value).__name__}>"
+    if len(text) <= _LOG_LIMIT:
+        return text
+    return f"{text[:_LOG_LIMIT]}…(+{len(text) - _LOG_LIMIT} chars)"
+
+
+def _id_fields(relay: Finished) -> dict[str, object]:
+    return {
+        "id": ticket_id(relay.ticket),
+        "workspace": _cut(relay.workspace_id),
+        "source": _cut(relay.source_exe_id),
+        "dest": _cut(relay.dest_exe_id),
+    }
 
 
 def log_created(relay: Finished, ttl_s: float, max_bytes: int) -> None:
     if log.isEnabledFor(logging.INFO):
+        fields = _id_fields(relay)
+        fields["ttl_s"] = ttl_s
+        fields["max_bytes"] = max_bytes
         log.info(
             "relay created id=%s workspace=%s source=%s dest=%s ttl_s=%g max_bytes=%d",
-            ticket_id(relay.ticket),
+            fields["id"],
             *_ids(relay),
             ttl_s,
             max_bytes,
+            extra={"event": "relay_created", "fields": fields},
         )
 
 
@@ -120,15 +116,26 @@ def log_finished(relay: Finished) -> None:
     level = logging.INFO if session.outcome is Outcome.OK else logging.WARNING
     if log.isEnabledFor(level):
         err = relay.error
+        wait_s = session.waited_s()
+        transfer_s = session.transfer_s()
+        fields = _id_fields(relay)
+        fields.update(
+            outcome=session.outcome.value,
+            bytes=relay.bytes,
+            wait_s=round(wait_s, 6),
+            transfer_s=round(transfer_s, 6),
+            error=_cut(err) if err is not None else None,
+        )
         log.log(
             level,
             "relay ended id=%s outcome=%s workspace=%s source=%s dest=%s bytes=%d "
             "wait_s=%.3f transfer_s=%.3f%s",
-            ticket_id(relay.ticket),
+            fields["id"],
             session.outcome.value,
             *_ids(relay),
             relay.bytes,
-            session.waited_s(),
-            session.transfer_s(),
+            wait_s,
+            transfer_s,
             f" error={safe(err, _LOG_LIMIT)}" if err is not None else "",
+            extra={"event": "relay_ended", "fields": fields},
         )

@@ -7,11 +7,20 @@ transfers with `fastrelay.start_server` on the same registry.
 Theory of operation
 -------------------
 Each `Relay` owns one `RelaySession` (the state machine) and, while a side
-waits, a reference to that side's connection (a `Party`). The registry keeps
-live relays in a `TicketTable` and runs exactly one timer, armed at the
-table's earliest pairing deadline. Every path that ends a relay goes through
-`Relay.finish`, which applies the final input to the session (so the outcome
-is recorded once), removes the ticket, tells a still-waiting side, records
+waits, a reference to that side's connection (a `WaitingEnd`). The registry
+keeps live relays in a `TicketTable` (lookup and the per-workspace cap) and
+schedules each relay's pairing deadline on the server's one timer
+(`timer.LoopTimer`, shared with every connection deadline): that is where
+the TTL fires (`Relay._expire`).
+
+Pairing happens in one place: `Relay.claim` records a side and, when it
+completes the pair, returns the waiting partner. The connection that made
+the claim then builds the transfer from the relay and the two ends; nothing
+here knows what a connection or a transfer is.
+
+Every path that ends a relay goes through `Relay.finish`, which applies the
+final input to the session (so the outcome is recorded once), removes the
+ticket, tells a still-waiting side (`WaitingEnd.relay_ended`), records
 metrics and the log line, and resolves ``await relay.wait()``.
 
 Everything runs on the event loop thread; nothing here blocks.
@@ -21,11 +30,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import math
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Literal, Protocol
 
 from . import observe
+from .config import MAX_DURATION_S
+from .deadlines import Deadline
 from .errors import (
     Expired,
     PairingTimeout,
@@ -39,27 +51,30 @@ from .errors import (
 from .heads import RequestHead
 from .session import Input, Outcome, RelaySession, State
 from .tickets import CapReached, TicketTable, new_ticket
+from .timer import LoopTimer
 
 DEFAULT_TTL_S = 300.0
 DEFAULT_MAX_PER_WORKSPACE = 16
 
 
-class Party(Protocol):
-    """A connection that claimed one side of a relay."""
-
-    head: RequestHead | None
-
-    def reject(self, err: RelayError) -> None:
-        """Answer ``err`` and close; the side is no longer ours."""
+Side = Literal["PUT", "GET"]
 
 
-PairHandler = Callable[["Relay", Party, Party], None]
+class WaitingEnd(Protocol):
+    """A connection that claimed one side of a relay and waits for the other."""
+
+    @property
+    def head(self) -> RequestHead | None: ...
+
+    def relay_ended(self, err: RelayError) -> None:
+        """The relay ended while we waited: answer ``err``; the side is gone."""
 
 
 class Relay:
     """One ticket: its metadata, its session, and its waiting sides."""
 
     __slots__ = (
+        "_expiry",
         "_future",
         "_registry",
         "bytes",
@@ -99,9 +114,10 @@ class Relay:
         self.bytes = 0
         """Payload bytes handed to the destination."""
         self.error: RelayError | None = None
-        self.put_party: Party | None = None
-        self.get_party: Party | None = None
+        self.put_party: WaitingEnd | None = None
+        self.get_party: WaitingEnd | None = None
         self._future: asyncio.Future[None] | None = None
+        self._expiry: Deadline | None = None
 
     # --- queries -------------------------------------------------------------------
 
@@ -129,46 +145,57 @@ class Relay:
 
     # --- sides arriving and leaving ------------------------------------------------
 
-    def attach_put(self, party: Party) -> None:
-        """A source arrived. Raises the error it must be answered with."""
-        if self.session.put_claimed:
-            raise SideAlreadyClaimed("PUT")
-        self._registry.check_open()
-        assert party.head is not None
-        length = party.head.content_length
-        if self.max_bytes > 0 and length is not None and length > self.max_bytes:
-            # Refused before a single byte is read: the ticket is spent, and
-            # a GET that is already waiting learns why at once.
-            err = PayloadTooLarge(length, self.max_bytes)
-            self.finish(Input.REFUSED_TOO_LARGE, err)
-            raise err
-        self.put_party = party
-        self._arrive(Input.PUT_ARRIVES)
+    def claim(self, side: Side, end: WaitingEnd) -> WaitingEnd | None:
+        """``end`` takes ``side``. Returns the partner if this completes the
+        pair (the session is then STREAMING), else None (``end`` waits).
 
-    def attach_get(self, party: Party) -> None:
-        if self.session.get_claimed:
-            raise SideAlreadyClaimed("GET")
+        Raises the error ``end`` must be answered with: 423 (side taken),
+        503 (draining), 413 (a Content-Length over ``max_bytes``).
+        """
+        session = self.session
+        if session.put_claimed if side == "PUT" else session.get_claimed:
+            raise SideAlreadyClaimed(side)
         self._registry.check_open()
-        self.get_party = party
-        self._arrive(Input.GET_ARRIVES)
-
-    def _arrive(self, event: Input) -> None:
+        if side == "PUT":
+            assert end.head is not None
+            length = end.head.content_length
+            if self.max_bytes > 0 and length is not None and length > self.max_bytes:
+                # Refused before a single byte is read: the ticket is spent,
+                # and a GET that is already waiting learns why at once.
+                err = PayloadTooLarge(length, self.max_bytes)
+                self.finish(Input.REFUSED_TOO_LARGE, err)
+                raise err
+            self.put_party = end
+            event = Input.PUT_ARRIVES
+        else:
+            self.get_party = end
+            event = Input.GET_ARRIVES
         registry = self._registry
-        if self.session.handle(event, registry.clock()) is State.STREAMING:
-            registry._paired += 1
-            put, get = self.put_party, self.get_party
-            assert put is not None and get is not None
-            self.put_party = self.get_party = None
-            registry.pair_handler(self, put, get)
+        if session.handle(event, registry.clock()) is not State.STREAMING:
+            return None
+        registry._paired += 1
+        if self._expiry is not None:  # the TTL bounds pairing only
+            self._expiry.cancel()
+            self._expiry = None
+        partner = self.get_party if side == "PUT" else self.put_party
+        self.put_party = self.get_party = None
+        assert partner is not None
+        return partner
 
-    def detach(self, party: Party) -> None:
+    def leave(self, end: WaitingEnd) -> None:
         """A waiting side's client went away: free the side for a retry."""
-        if self.put_party is party:
+        if self.put_party is end:
             self.put_party = None
             self.session.handle(Input.PUT_LEAVES, self._registry.clock())
-        elif self.get_party is party:
+        elif self.get_party is end:
             self.get_party = None
             self.session.handle(Input.GET_LEAVES, self._registry.clock())
+
+    def _expire(self) -> None:
+        """The pairing deadline passed (called by the server's timer)."""
+        self._expiry = None
+        if not self.session.done and not self.session.paired:
+            self.finish(Input.DEADLINE, Expired())
 
     # --- the end -------------------------------------------------------------------
 
@@ -177,6 +204,9 @@ class Relay:
         if self.session.done:
             return
         registry = self._registry
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         if self.session.paired:
             registry._paired -= 1
         self.session.handle(event, registry.clock())
@@ -187,11 +217,11 @@ class Relay:
             if party is None:
                 continue
             if event is Input.DEADLINE:
-                party.reject(PairingTimeout(waiting_for))
+                party.relay_ended(PairingTimeout(waiting_for))
             elif isinstance(error, PayloadTooLarge):
-                party.reject(UpstreamFailed(error))
+                party.relay_ended(UpstreamFailed(error))
             elif error is not None:
-                party.reject(error)
+                party.relay_ended(error)
         self.put_party = self.get_party = None
         registry._finished(self)
         if self._future is not None and not self._future.done():
@@ -202,7 +232,7 @@ class Relay:
 
 
 class Registry:
-    """Live relays, the per-workspace cap, and the single TTL timer."""
+    """Live relays, the per-workspace cap, and the timer their TTLs run on."""
 
     def __init__(
         self,
@@ -220,13 +250,12 @@ class Registry:
         self.clock = clock
         self.wall_clock = wall_clock or (lambda: datetime.datetime.now(datetime.UTC))
         self.metrics = observe.Metrics()
-        self.pair_handler: PairHandler = _no_server
+        self.timer = LoopTimer(clock)
+        """The one timer of the server serving this registry: pairing TTLs
+        here, header, idle and linger deadlines in the connections."""
         self.draining = False
         self._table: TicketTable[Relay] = TicketTable(max_per_workspace)
         self._paired = 0
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def max_per_workspace(self) -> int:
@@ -251,6 +280,9 @@ class Registry:
             raise ValueError("relay: workspace_id, source_exe_id, dest_exe_id required")
         self.check_open()
         ttl_s = ttl if ttl is not None and ttl > 0 else self.default_ttl
+        if not math.isfinite(ttl_s) or ttl_s > MAX_DURATION_S:
+            # Far past any real pairing wait, and where expires_at overflows.
+            raise ValueError(f"relay: ttl must be at most {MAX_DURATION_S:g} seconds")
         try:
             self._table.check_cap(workspace_id)
         except CapReached:
@@ -266,7 +298,7 @@ class Registry:
             ttl_s,
         )
         self._table.add(relay)
-        self._rearm()
+        relay._expiry = self.timer.at(relay.deadline, relay._expire)
         observe.log_created(relay, ttl_s, relay.max_bytes)
         return relay
 
@@ -289,11 +321,6 @@ class Registry:
 
     # --- lifecycle -----------------------------------------------------------------
 
-    def expire_due(self) -> None:
-        """Finish every unpaired relay whose deadline has passed."""
-        for relay in self._table.due(self.clock()):
-            relay.finish(Input.DEADLINE, Expired())
-
     def shutdown_waiting(self) -> None:
         """Drain: refuse new work, fail every unpaired relay with 503."""
         self.draining = True
@@ -307,37 +334,3 @@ class Registry:
     def _finished(self, relay: Relay) -> None:
         self.metrics.record(relay)
         observe.log_finished(relay)
-        self._rearm()
-
-    def _rearm(self) -> None:
-        """Keep the one timer at the earliest pairing deadline."""
-        deadline = self._table.next_deadline()
-        if deadline == self._timer_at:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._timer_at = deadline
-        if deadline is None:
-            return
-        if self._loop is None:
-            try:
-                self._loop = asyncio.get_running_loop()
-            except RuntimeError:
-                # Used off-loop (unit tests with a fake clock drive
-                # expire_due themselves); the timer is armed on first use
-                # from the loop.
-                self._timer_at = None
-                return
-        delay = max(0.0, deadline - self.clock())
-        self._timer = self._loop.call_later(delay, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = None
-        self.expire_due()
-        self._rearm()
-
-
-def _no_server(relay: Relay, put: Party, get: Party) -> None:
-    raise RuntimeError("no server is serving this registry")

@@ -1,31 +1,37 @@
-"""The composition root: listener, shared state, pairing, lifecycle.
+"""The composition root: listener, shared state, lifecycle.
 
-`RelayServer` holds what every connection shares (config, registry, the
-buffer pool and scratch buffer, the open-connection set) and the few
-decisions that need all of it: building a `Splice` when a relay pairs,
-answering the mint, health and metrics endpoints, and a graceful close.
+`RelayServer` holds what every connection shares (config, registry, the one
+timer, the buffer pool and scratch buffer, the open-connection set, the
+bytes held for waiting uploads) and the few decisions that need all of it:
+admitting connections (``--max-connections``, counting TLS handshakes from
+accept), answering the mint, health and metrics endpoints, and a graceful
+close. Pairing is not here: the connection that completes a pair builds the
+transfer (connection.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
+import functools
 import logging
 import ssl as ssl_module
-from typing import TYPE_CHECKING
+import time
+from typing import Any
 
-from . import mint
+from . import logsafe, mint
 from .config import RelayConfig
+from .connection import HttpConnection
+from .deadlines import Deadline
 from .errors import MintDisabled, ShuttingDown
 from .flow import BufferPool
-from .heads import RequestHead
-from .protocol import HttpConnection, Phase
-from .registry import Party, Registry
-from .splice import Splice
+from .heads import RequestHead, Route
+from .metrics import make_registry, render_metrics
+from .observe import Metrics
+from .registry import Registry
+from .timer import LoopTimer
 from .tls import server_ssl_context
-
-if TYPE_CHECKING:
-    from .registry import Relay
 
 log = logging.getLogger("fastrelay")
 
@@ -33,6 +39,13 @@ log = logging.getLogger("fastrelay")
 # out of it in the same callback (see protocol.py). 64 KiB is libuv's read
 # size hint.
 SCRATCH_BYTES = 64 * 1024
+
+# The loop cuts a TLS handshake at header_timeout_s; we count it as failed
+# this much later, once the loop has certainly given up on it.
+HANDSHAKE_COUNT_SLACK_S = 1.0
+
+# At most one "cannot accept" log line per this many seconds (EMFILE storms).
+ACCEPT_ERROR_LOG_INTERVAL_S = 10.0
 
 
 class RelayServer:
@@ -44,7 +57,7 @@ class RelayServer:
     ) -> None:
         self.config = config
         self.registry = registry or Registry(config.max_per_workspace, config.ticket_ttl_s)
-        self.registry.pair_handler = self._pair
+        self.timer: LoopTimer = self.registry.timer
         if ssl is None and config.tls:
             assert config.certfile is not None and config.keyfile is not None
             ssl = server_ssl_context(config.certfile, config.keyfile)
@@ -52,9 +65,15 @@ class RelayServer:
         self.pool = BufferPool(config.read_buffer_bytes)
         self.scratch = memoryview(bytearray(SCRATCH_BYTES))
         self.connections: set[HttpConnection] = set()
+        self.handshaking: dict[HttpConnection, Deadline] = {}
+        """TLS connections accepted whose handshake has not finished."""
+        self.waiting_body_bytes = 0
+        """Body bytes held for waiting uploads, all connections together."""
         self.draining = False
         self.refused_connections = 0
         self.failed_handshakes = 0
+        self._accept_error_logged_at = -ACCEPT_ERROR_LOG_INTERVAL_S
+        self._metrics_registry = make_registry(self)
         self._drain_cut = False
         self._server: asyncio.Server | None = None
         self.port = 0
@@ -64,11 +83,14 @@ class RelayServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self._install_accept_error_log(loop)
         self._server = await loop.create_server(
-            lambda: HttpConnection(self),
+            self._accept,
             self.config.host,
             self.config.port,
             ssl=self.ssl,
+            # A handshake is part of getting a request head in: same bound.
+            ssl_handshake_timeout=self.config.header_timeout_s if self.ssl else None,
             reuse_address=True,
             backlog=1024,
         )
@@ -106,14 +128,14 @@ class RelayServer:
             self._server.close()
         self.registry.shutdown_waiting()
         for conn in list(self.connections):
-            if conn.phase is Phase.UPLOAD and conn.splice is not None:
-                conn.splice.shut_down()
+            conn.shut_down()
         for conn in list(self.connections):
-            if conn.phase is not Phase.CLOSED:
+            if not conn.transport.is_closing():
                 conn.transport.abort()
         if self._server is not None:
             await self._server.wait_closed()
         await asyncio.sleep(0)  # let connection_lost callbacks run
+        self.timer.close()
 
     def reload_tls(self) -> bool:
         """Reload certificate and key from their files (SIGHUP).
@@ -137,8 +159,33 @@ class RelayServer:
 
     # --- connections ---------------------------------------------------------------
 
+    def _accept(self) -> HttpConnection:
+        """The protocol factory: called at accept, before any TLS handshake."""
+        conn = HttpConnection(self)
+        if self.ssl is not None:
+            # Until connection_made we hold no transport, and the loop tells
+            # nobody when a handshake fails: count it from accept, and count
+            # it failed once the loop's handshake timeout has passed.
+            self.handshaking[conn] = self.timer.after(
+                self.config.header_timeout_s + HANDSHAKE_COUNT_SLACK_S,
+                functools.partial(self._handshake_gone, conn),
+            )
+        return conn
+
+    def _handshake_gone(self, conn: HttpConnection) -> None:
+        if self.handshaking.pop(conn, None) is not None:
+            self.failed_handshakes += 1
+
+    @property
+    def open_connections(self) -> int:
+        """Connections counted against ``max_connections`` (handshakes too)."""
+        return len(self.connections) + len(self.handshaking)
+
     def connection_opened(self, conn: HttpConnection) -> bool:
-        if self.draining or len(self.connections) >= self.config.max_connections:
+        deadline = self.handshaking.pop(conn, None)
+        if deadline is not None:
+            deadline.cancel()
+        if self.draining or self.open_connections >= self.config.max_connections:
             self.refused_connections += 1
             return False
         self.connections.add(conn)
@@ -147,50 +194,64 @@ class RelayServer:
     def connection_closed(self, conn: HttpConnection) -> None:
         self.connections.discard(conn)
 
-    def _pair(self, relay: Relay, put: Party, get: Party) -> None:
-        """Both sides are here: hand the sockets to a splice."""
-        assert isinstance(put, HttpConnection) and isinstance(get, HttpConnection)
-        config = self.config
-        splice = Splice(
-            relay,
-            put,
-            get,
-            self.pool,
-            config.idle_timeout_s,
-            (config.tls_write_high_bytes, config.tls_write_low_bytes),
-            config.kernel_splice_min_bytes,
-        )
-        put.phase = Phase.UPLOAD
-        get.phase = Phase.DOWNLOAD
-        put.splice = get.splice = splice
-        put.relay = get.relay = None
-        prefix = bytes(put.inbuf)
-        put.inbuf = bytearray()
-        get.inbuf = bytearray()
-        splice.start(prefix)
+    def hold_waiting_bytes(self, delta: int) -> bool:
+        self.waiting_body_bytes += delta
+        return self.waiting_body_bytes <= self.config.max_waiting_body_total
+
+    def _install_accept_error_log(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Out of descriptors at accept (EMFILE): one log line per interval,
+        not a traceback per attempt; the loop retries and open connections
+        are served on."""
+        previous = loop.get_exception_handler()
+
+        def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+            exc = context.get("exception")
+            message = str(context.get("message", ""))
+            if "accept" in message or (isinstance(exc, OSError) and exc.errno in _ACCEPT_ERRNOS):
+                now = time.monotonic()
+                if now - self._accept_error_logged_at >= ACCEPT_ERROR_LOG_INTERVAL_S:
+                    self._accept_error_logged_at = now
+                    log.error(
+                        "cannot accept connections: %s (open connections: %d)",
+                        logsafe.safe(exc or message),
+                        self.open_connections,
+                    )
+                return
+            if previous is not None:
+                previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+
+        loop.set_exception_handler(handler)
 
     # --- small endpoints -----------------------------------------------------------
 
-    def health(self) -> tuple[int, str, bytes]:
-        if self.draining:
-            return 503, "text/plain; charset=utf-8", b"draining\n"
-        return 200, "text/plain; charset=utf-8", b"ok\n"
+    def answer_small(
+        self, route: Route, head: RequestHead, body: bytes | None
+    ) -> tuple[int, str, bytes]:
+        if route is Route.HEALTH:
+            if self.draining:
+                return 503, "text/plain; charset=utf-8", b"draining\n"
+            return 200, "text/plain; charset=utf-8", b"ok\n"
+        if route is Route.METRICS:
+            content_type, text = render_metrics(self._metrics_registry, head.header("accept"))
+            return 200, content_type, text
+        assert route is Route.MINT and body is not None
+        return self.mint(body, head)
 
-    def metrics_text(self) -> tuple[int, str, bytes]:
-        registry = self.registry
-        body = registry.metrics.render(
-            registry.active_count, registry.waiting_count, len(self.connections)
-        )
-        body += (
-            "# HELP fastrelay_refused_connections_total Connections closed at once "
-            "(--max-connections or draining).\n"
-            "# TYPE fastrelay_refused_connections_total counter\n"
-            f"fastrelay_refused_connections_total {self.refused_connections}\n"
-            "# HELP fastrelay_tls_handshake_failures_total TLS handshakes that failed.\n"
-            "# TYPE fastrelay_tls_handshake_failures_total counter\n"
-            f"fastrelay_tls_handshake_failures_total {self.failed_handshakes}\n"
-        ).encode()
-        return 200, "text/plain; version=0.0.4; charset=utf-8", body
+    # --- what /metrics reads (metrics.MetricsSource) -------------------------------
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.registry.metrics
+
+    @property
+    def active_count(self) -> int:
+        return self.registry.active_count
+
+    @property
+    def waiting_count(self) -> int:
+        return self.registry.waiting_count
 
     def check_mint(self, head: RequestHead) -> None:
         """Mint preconditions checked on the head alone, before any body."""
@@ -203,7 +264,7 @@ class RelayServer:
         if self.registry.waiting_count >= self.config.max_pending:
             raise MintDisabled("relay: too many pending relays")
 
-    def mint(self, body: bytes) -> tuple[int, bytes]:
+    def mint(self, body: bytes, head: RequestHead | None = None) -> tuple[int, str, bytes]:
         request = mint.parse_mint_request(body, max_ttl_s=self.config.max_ttl_s)
         relay = self.registry.create(
             request.workspace_id,
@@ -213,7 +274,13 @@ class RelayServer:
             max_bytes=request.max_bytes,
         )
         expires = relay.expires_at.isoformat(timespec="microseconds").replace("+00:00", "Z")
-        return 201, mint.mint_response_body(relay.ticket, self.base_url, expires)
+        base = self.config.base_url(
+            self.port, tls=self.ssl is not None, request_host=head.header("host") if head else None
+        )
+        return 201, "application/json", mint.mint_response_body(relay.ticket, base, expires)
+
+
+_ACCEPT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 async def start_server(

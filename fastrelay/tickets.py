@@ -4,24 +4,18 @@ Theory of operation
 -------------------
 A ticket is the whole credential of one relay: 32 bytes from the OS CSPRNG,
 unpadded URL-safe base64, prefixed ``rly_`` (47 characters, as the Go relay).
-`TicketTable` maps live tickets to their entries, counts them per workspace
-(the cap runs from mint until the entry is removed, like the seed's), and
-keeps a heap of pairing deadlines so the server needs exactly one timer:
-after any change it re-arms that timer at `next_deadline()` and, when it
-fires, calls `due(now)`.
+`TicketTable` maps live tickets to their entries and counts them per
+workspace (the cap runs from mint until the entry is removed, like the
+seed's). Pairing deadlines are not kept here: each relay schedules its own on
+the server's one timer (`deadlines.py`).
 
-Entries leave the table only through `remove`; the heap is cleaned lazily
-(a removed or paired ticket's heap item is skipped when it surfaces), which
-keeps mint and remove O(log n) without a heap delete.
-
-No IO and no clock here: ``now`` is always an argument.
+No IO and no clock here.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import heapq
 import secrets
 from collections.abc import Iterator
 from typing import Generic, Protocol, TypeVar
@@ -63,10 +57,6 @@ class Entry(Protocol):
     def ticket(self) -> str: ...
     @property
     def workspace_id(self) -> str: ...
-    @property
-    def deadline(self) -> float: ...
-    @property
-    def paired(self) -> bool: ...
 
 
 E = TypeVar("E", bound=Entry)
@@ -77,9 +67,9 @@ class CapReached(Exception):
 
 
 class TicketTable(Generic[E]):
-    """Live tickets, per-workspace counts, and the pairing-deadline heap."""
+    """Live tickets and per-workspace counts."""
 
-    __slots__ = ("_by_ticket", "_heap", "_per_workspace", "max_per_workspace")
+    __slots__ = ("_by_ticket", "_per_workspace", "max_per_workspace")
 
     def __init__(self, max_per_workspace: int) -> None:
         if max_per_workspace < 1:
@@ -87,7 +77,6 @@ class TicketTable(Generic[E]):
         self.max_per_workspace = max_per_workspace
         self._by_ticket: dict[str, E] = {}
         self._per_workspace: dict[str, int] = {}
-        self._heap: list[tuple[float, str]] = []
 
     def check_cap(self, workspace_id: str) -> None:
         """Raise `CapReached` if one more ticket would exceed the workspace cap."""
@@ -101,7 +90,6 @@ class TicketTable(Generic[E]):
         self._by_ticket[entry.ticket] = entry
         ws = entry.workspace_id
         self._per_workspace[ws] = self._per_workspace.get(ws, 0) + 1
-        heapq.heappush(self._heap, (entry.deadline, entry.ticket))
 
     def get(self, ticket: str) -> E | None:
         return self._by_ticket.get(ticket)
@@ -116,28 +104,6 @@ class TicketTable(Generic[E]):
             else:
                 del self._per_workspace[ws]
         return entry
-
-    def next_deadline(self) -> float | None:
-        """The earliest pairing deadline still relevant, or None."""
-        heap = self._heap
-        while heap:
-            _, ticket = heap[0]
-            entry = self._by_ticket.get(ticket)
-            if entry is not None and not entry.paired:
-                return heap[0][0]
-            heapq.heappop(heap)  # removed or paired: its deadline no longer matters
-        return None
-
-    def due(self, now: float) -> list[E]:
-        """Unpaired entries whose deadline is at or before ``now`` (not removed)."""
-        expired: list[E] = []
-        heap = self._heap
-        while heap and heap[0][0] <= now:
-            _, ticket = heapq.heappop(heap)
-            entry = self._by_ticket.get(ticket)
-            if entry is not None and not entry.paired:
-                expired.append(entry)
-        return expired
 
     def workspace_count(self, workspace_id: str) -> int:
         return self._per_workspace.get(workspace_id, 0)

@@ -111,7 +111,11 @@ class Relay:
     def connect(self) -> socket.socket:
         sock = socket.create_connection(("127.0.0.1", self.server.port), timeout=20)
         if self.client_ctx is not None:
-            sock = self.client_ctx.wrap_socket(sock, server_hostname="localhost")
+            try:
+                sock = self.client_ctx.wrap_socket(sock, server_hostname="localhost")
+            except BaseException:
+                sock.close()
+                raise
         return sock
 
     def raw(self, data: bytes) -> tuple[int, dict[str, str], bytes]:

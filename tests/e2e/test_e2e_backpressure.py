@@ -8,7 +8,7 @@ import time
 from conftest import Relay
 from test_e2e_transfer import wait_waiting
 
-from fastrelay.protocol import Phase
+from fastrelay.phases import Phase
 
 MIB = 1024 * 1024
 
@@ -21,8 +21,8 @@ def server_buffered_bytes(relay: Relay) -> int:
         for conn in relay.server.connections:
             if conn.phase is not Phase.CLOSED:
                 total += conn.transport.get_write_buffer_size()
-            if conn.splice is not None:
-                total += len(conn.splice._pinned) * relay.server.pool.size
+            if conn.transfer is not None:
+                total += len(conn.transfer._pinned) * relay.server.pool.size
         return total
 
     return int(relay.call(measure))

@@ -67,9 +67,10 @@ class Server:
         with self.connect() as s:
             s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             data = recv_all(s)
-        m = re.search(rb"^" + name.encode() + rb" (\d+)$", data, re.M)
+        # prometheus_client writes every value as a float ("3.0").
+        m = re.search(rb"^" + name.encode() + rb" ([0-9.e+]+)$", data, re.M)
         assert m, name
-        return int(m.group(1))
+        return int(float(m.group(1)))
 
 
 def recv_all(sock: socket.socket) -> bytes:
@@ -162,7 +163,7 @@ def one_chaos_transfer(server: Server, rng: random.Random) -> str:
     cut = rng.randrange(0, size)
     t = server.mint()
     get = server.connect()
-    get.sendall(f"GET /relay/{t} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\n\r\n".encode())
+    get.sendall(f"GET /relay/{t} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\nConnection: close\r\n\r\n".encode())
     put = server.connect()
     framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {size}"
     put.sendall(
@@ -240,7 +241,7 @@ def test_soak(server: Server) -> None:
         t = server.mint(mint_sock)
         with server.connect() as g, server.connect() as p:
             g.sendall(
-                f"GET /relay/{t} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\n\r\n".encode()
+                f"GET /relay/{t} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\nConnection: close\r\n\r\n".encode()
             )
             p.sendall(
                 f"PUT /relay/{t} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\nContent-Length: 4096\r\n\r\n".encode()
@@ -258,7 +259,7 @@ def test_soak(server: Server) -> None:
         for t in tickets:
             g = server.connect()
             g.sendall(
-                f"GET /relay/{t} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\n\r\n".encode()
+                f"GET /relay/{t} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\nConnection: close\r\n\r\n".encode()
             )
             gets.append(g)
         # every GET is parked on the server (one descriptor each)

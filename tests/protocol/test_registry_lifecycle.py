@@ -6,7 +6,7 @@ import asyncio
 import logging
 
 import pytest
-from test_splice_buffers import connect, get_head, make_server, put_head, put_then_get
+from test_transfer_buffers import connect, get_head, make_server, put_head, put_then_get
 
 from fastrelay import Outcome, Registry, WorkspaceCapReached
 from fastrelay.errors import ShuttingDown
@@ -23,17 +23,16 @@ class FakeClock:
 def test_deadline_answers_the_waiting_side_408_and_forgets_the_ticket() -> None:
     async def main() -> None:
         clock = FakeClock()
-        server = make_server()
-        server.registry = registry = Registry(default_ttl=30.0, clock=clock)
-        registry.pair_handler = server._pair
+        server = make_server(Registry(default_ttl=30.0, clock=clock))
+        registry = server.registry
         relay = registry.create("w", "s", "d")
         get, gt = connect(server)
         gt.feed(get_head(relay.ticket))
         clock.now += 29.999
-        registry.expire_due()
+        registry.timer.run_due()
         assert not relay.done() and not gt.closed
         clock.now += 0.001  # expires at exactly the TTL
-        registry.expire_due()
+        registry.timer.run_due()
         assert relay.outcome is Outcome.EXPIRED
         assert b"HTTP/1.1 408 " in gt.data
         assert gt.data.endswith(b'{"error":"timed out waiting for PUT side"}')
@@ -49,13 +48,13 @@ def test_deadline_answers_the_waiting_side_408_and_forgets_the_ticket() -> None:
 def test_pairing_stops_the_deadline() -> None:
     async def main() -> None:
         clock = FakeClock()
-        server = make_server()
-        server.registry = registry = Registry(default_ttl=5.0, clock=clock)
-        registry.pair_handler = server._pair
+        # An idle timeout past the jump, so only the TTL could end the relay.
+        server = make_server(Registry(default_ttl=5.0, clock=clock), idle_timeout_s=7200.0)
+        registry = server.registry
         relay = registry.create("w", "s", "d")
         put, pt, get, gt = put_then_get(server, relay.ticket, 10)
         clock.now += 3600  # far past expires_at: the transfer may run on
-        registry.expire_due()
+        registry.timer.run_due()
         assert not relay.done()
         pt.feed(b"0123456789")
         assert relay.outcome is Outcome.OK

@@ -69,24 +69,3 @@ def test_cap_counts_from_add_to_remove() -> None:
     table.add(E("d", "w", 10))
     assert len(table) == 3 + 0
     assert table.remove("nope") is None
-
-
-def test_deadlines_fire_at_exactly_the_deadline_and_skip_paired_or_removed() -> None:
-    table: TicketTable[E] = TicketTable(16)
-    early, paired, gone, late = (
-        E("e", "w", 5.0),
-        E("p", "w", 6.0),
-        E("g", "w", 7.0),
-        E("l", "w", 9.0),
-    )
-    for e in (early, paired, gone, late):
-        table.add(e)
-    paired.paired = True
-    table.remove("g")
-    assert table.next_deadline() == 5.0
-    assert table.due(4.999) == []
-    assert table.due(5.0) == [early]  # expires at exactly the TTL
-    table.remove("e")
-    assert table.next_deadline() == 9.0  # paired and removed entries are skipped
-    assert table.due(100.0) == [late]
-    assert table.next_deadline() is None

@@ -1,21 +1,25 @@
-"""The data path: one paired upload spliced into one download.
+"""The data path: one paired upload streamed into one download.
 
 Theory of operation
 -------------------
-Once a relay pairs, the upload connection's receive buffer comes from
-`Splice.upload_buffer` and every read lands in `Splice.upload_received`,
-which writes the payload (a memoryview slice of that buffer, no copy) to the
-download transport. ``max_bytes``, the Content-Length count and the chunked
-framing are all checked inline, on those same bytes.
+When a relay pairs, the connection that completed the pair builds a
+`Transfer` from the relay and its two ends (`TransferEnd`: the source's and
+the destination's connections). From then on every upload read lands in a
+buffer from `Transfer.upload_buffer` and is handed to
+`Transfer.upload_received`, which frames it (`framing.BodyFramer`: the
+Content-Length count, the chunked framing and ``max_bytes``, all in one
+place) and writes the payload, a memoryview slice of that same buffer, to
+the download transport. No payload byte is copied in Python.
 
-Backpressure: the download's ``pause_writing`` pauses the upload's reading
-(`ReadGate`), ``resume_writing`` resumes it. Nothing else buffers payload, so
-memory per transfer is bounded by the receive buffers still referenced by the
-download transport.
+Who pauses the uploader: this module, and only it, through the upload's
+`ReadGate`: the download's ``pause_writing`` pauses the upload's reading,
+``resume_writing`` resumes it. Nothing else buffers payload, so memory per
+transfer is bounded by the receive buffers the download transport still
+references.
 
-Buffer ownership (runtime-facts §1, the rule this module exists to keep):
-uvloop's ``write()`` of a memoryview does not copy; whatever the kernel did
-not take at once stays a view of *our* buffer until libuv flushes it. So:
+Buffer ownership (the rule this module exists to keep): uvloop's
+``write()`` of a memoryview does not copy; whatever the kernel did not take
+at once stays a view of *our* buffer until libuv flushes it. So:
 
 * plain-TCP download: write limits are ``high=0``. If, after a write, the
   transport still holds bytes, the buffer is *pinned*: we stop using it
@@ -27,19 +31,30 @@ not take at once stays a view of *our* buffer until libuv flushes it. So:
   soon as it returns; limits must be non-zero there (``high=0`` deadlocks SSL
   transports) and are taken from the config.
 
+Plain Content-Length uploads of at least ``kernel_splice_min_bytes`` leave
+Python altogether through `kernel_splice.KernelPipe` once the transports are
+paused and drained.
+
+Where the idle timeout fires: `_idle_check`, at the server timer's deadline
+``last progress + idle_timeout_s`` (re-armed from the last progress when it
+fires early), so it is late by at most the loop's timer resolution.
+
 Endings: every way out goes through `_succeed` or `_fail`, which call
-`Relay.finish` exactly once. A failure *aborts* the download transport (RST,
-no terminating chunk, short of Content-Length), so a receiving curl exits
-18 or 56 and never keeps a silently short file.
+`Relay.finish` exactly once and then tell both ends. A failed transfer is
+made visible to the receiver by its connection (`TransferEnd.transfer_ended`
+with ``ok=False``): a TCP reset, never a clean close, so no client can take a
+short body for a whole one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from .chunked import ChunkedDecoder, ChunkError
+from .chunked import ChunkError
+from .config import RelayConfig
+from .deadlines import Deadline
 from .errors import (
     DownloadAborted,
     IdleTimeout,
@@ -49,116 +64,138 @@ from .errors import (
     UploadAborted,
 )
 from .flow import BufferPool, ReadGate
-from .heads import CONTINUE_100, download_head, simple_response
+from .framing import BodyFramer, Runs
+from .heads import CONTINUE_100, COPIED_HEADERS, RequestHead, download_head, simple_response
 from .kernel_splice import AVAILABLE as KERNEL_SPLICE_AVAILABLE
 from .kernel_splice import KernelPipe, dup_transport_socket
 from .session import Input
+from .timer import LoopTimer
 
 if TYPE_CHECKING:
-    from .protocol import HttpConnection
     from .registry import Relay
 
 _LAST_CHUNK = b"0\r\n\r\n"
 _CRLF = b"\r\n"
 
 
-class Splice:
+class TransferEnd(Protocol):
+    """One side of a transfer, as the transfer sees it (a connection)."""
+
+    @property
+    def transport(self) -> asyncio.Transport: ...
+
+    @property
+    def gate(self) -> ReadGate: ...
+
+    def transfer_ended(self, answer: bytes | None, ok: bool) -> None:
+        """The transfer is over. The source gets ``answer`` (its whole HTTP
+        response; ``ok`` means its body was read to the end); the destination
+        gets ``answer=None`` and must reset its connection unless ``ok``."""
+
+
+class Transfer:
     __slots__ = (
         "_buf",
-        "_decoder",
+        "_deadline",
         "_draining_tail",
         "_finished",
-        "_idle_seen",
-        "_idle_timer",
+        "_framer",
         "_kernel",
         "_kernel_pending",
+        "_last_progress",
         "_pinned",
-        "_progress",
-        "_remaining",
+        "_reframe",
+        "_timer",
         "down",
         "down_transport",
         "forwarded",
         "idle_timeout_s",
-        "loop",
-        "max_bytes",
         "pins_buffers",
         "pool",
         "relay",
         "up",
         "up_gate",
+        "up_head",
         "up_transport",
     )
 
     def __init__(
         self,
         relay: Relay,
-        up: HttpConnection,
-        down: HttpConnection,
+        up: TransferEnd,
+        up_head: RequestHead,
+        down: TransferEnd,
+        *,
+        download_http10: bool,
         pool: BufferPool,
-        idle_timeout_s: float,
-        tls_write_limits: tuple[int, int],
-        kernel_splice_min_bytes: int = 0,
+        timer: LoopTimer,
+        config: RelayConfig,
     ) -> None:
         self.relay = relay
         self.up = up
+        self.up_head = up_head
         self.down = down
         self.up_transport = up.transport
         self.down_transport = down.transport
-        self.up_gate: ReadGate = up.gate
+        self.up_gate = up.gate
         self.pool = pool
-        self.loop = asyncio.get_running_loop()
-        self.idle_timeout_s = idle_timeout_s
-        self.max_bytes = relay.max_bytes
-        head = up.head
-        assert head is not None
-        self._remaining = head.content_length or 0
-        self._decoder = ChunkedDecoder() if head.chunked else None
+        self._timer = timer
+        self.idle_timeout_s = config.idle_timeout_s
+        self._framer = BodyFramer(up_head.content_length, up_head.chunked, relay.max_bytes)
+        # A chunked upload is re-framed as chunked for an HTTP/1.1 download;
+        # an HTTP/1.0 client cannot read chunks, so it gets a close-delimited
+        # body whose failure is a reset (RFC 9112 §6.3 rule 8).
+        self._reframe = up_head.chunked and not download_http10
         self.forwarded = 0
         self._buf: memoryview | None = None
         self._pinned: list[memoryview] = []
         self._finished = False
         self._draining_tail = False
-        self._progress = 0
-        self._idle_seen = -1
-        self._idle_timer: asyncio.TimerHandle | None = None
+        self._last_progress = timer.clock()
+        self._deadline: Deadline | None = None
         # TLS transports copy (encrypt) inside write(); plain TCP ones pin.
-        self.pins_buffers = down.transport.get_extra_info("sslcontext") is None
-        up_plain = up.transport.get_extra_info("sslcontext") is None
+        self.pins_buffers = self.down_transport.get_extra_info("sslcontext") is None
+        up_plain = self.up_transport.get_extra_info("sslcontext") is None
         self._kernel: KernelPipe | None = None
+        remaining = self._framer.remaining
         # splice(2) needs plain sockets on both ends and a known length.
         self._kernel_pending = (
             KERNEL_SPLICE_AVAILABLE
-            and kernel_splice_min_bytes > 0
+            and config.kernel_splice_min_bytes > 0
             and self.pins_buffers
             and up_plain
-            and self._decoder is None
-            and self._remaining >= kernel_splice_min_bytes
+            and remaining is not None
+            and remaining >= config.kernel_splice_min_bytes
         )
         if self.pins_buffers:
             self.down_transport.set_write_buffer_limits(high=0)
         else:
-            high, low = tls_write_limits
-            self.down_transport.set_write_buffer_limits(high=high, low=low)
+            self.down_transport.set_write_buffer_limits(
+                high=config.tls_write_high_bytes, low=config.tls_write_low_bytes
+            )
 
     def start(self, body_prefix: bytes) -> None:
-        """Send both heads and whatever body arrived while the PUT waited."""
-        up_head = self.up.head
-        assert up_head is not None
+        """Send the download's head and whatever body arrived while the PUT waited."""
+        head = self.up_head
         # A PUT with neither Content-Length nor chunked framing has an empty
         # body (RFC 9112 §6.3): the GET must then say Content-Length: 0, not
         # promise chunks that never come.
-        length = None if up_head.chunked else (up_head.content_length or 0)
+        length = None if head.chunked else (head.content_length or 0)
+        copied = [(name, head.header(name)) for name in COPIED_HEADERS]
         self.down_transport.write(
             download_head(
-                up_head.header("content-type"), up_head.header("content-disposition"), length
+                copied[0][1],
+                copied[1][1],
+                length,
+                close_delimited=head.chunked and not self._reframe,
             )
         )
-        if up_head.expect_continue and not body_prefix:
+        if head.expect_continue and not body_prefix:
             self.up_transport.write(CONTINUE_100)
         self._arm_idle()
         if body_prefix:
             self._forward(memoryview(body_prefix))
-        elif self._decoder is None and self._remaining == 0:
+        elif self._framer.done:
             self._upload_complete()
         if self._finished or self._draining_tail:
             return
@@ -176,16 +213,17 @@ class Splice:
         self._kernel_pending = False
         up_sock = dup_transport_socket(self.up_transport)
         down_sock = dup_transport_socket(self.down_transport)
-        if up_sock is None or down_sock is None:  # fall back to the buffered path
+        remaining = self._framer.remaining
+        if up_sock is None or down_sock is None or remaining is None:
             for sock in (up_sock, down_sock):
                 if sock is not None:
                     sock.close()
-            self.up_gate.resume()
+            self.up_gate.resume()  # fall back to the buffered path
             return
         self._kernel = KernelPipe(
             up_sock,
             down_sock,
-            self._remaining,
+            remaining,
             self._kernel_progress,
             self._succeed,
             self._kernel_src_error,
@@ -194,9 +232,9 @@ class Splice:
         self._kernel.start()
 
     def _kernel_progress(self, nbytes: int) -> None:
-        self._progress += 1
-        self.forwarded += nbytes
-        self._remaining -= nbytes
+        self._last_progress = self._timer.clock()
+        self._framer.skip_known_length(nbytes)
+        self.forwarded = self._framer.payload
 
     def _kernel_src_error(self, exc: OSError | None) -> None:
         if exc is None:
@@ -219,9 +257,13 @@ class Splice:
     def upload_received(self, nbytes: int) -> None:
         buf = self._buf
         assert buf is not None
-        self._progress += 1
+        self._last_progress = self._timer.clock()
         self._forward(buf[:nbytes])
-        if self.pins_buffers and self.down_transport.get_write_buffer_size():
+        if (
+            self.pins_buffers
+            and self._buf is not None
+            and self.down_transport.get_write_buffer_size()
+        ):
             # The download transport still references this buffer: retire it
             # until resume_writing says the transport is empty.
             self._pinned.append(buf)
@@ -245,53 +287,38 @@ class Splice:
     def _forward(self, view: memoryview) -> None:
         if self._finished or self._draining_tail:
             return  # the body is complete: later bytes are not ours
-        decoder = self._decoder
-        if decoder is None:
-            remaining = self._remaining
-            if len(view) >= remaining:
-                view = view[:remaining]  # anything after the body is not ours
-            self.down_transport.write(view)
-            self._remaining -= len(view)
-            self.forwarded += len(view)
-            if self._remaining == 0:
-                self._upload_complete()
-            return
+        framer = self._framer
         try:
-            runs, _ = decoder.feed(view)
+            runs, _ = framer.feed(view)
         except ChunkError as exc:
             self._fail(Input.UPLOAD_ABORTED, UploadAborted(f"relay: {exc}", self.forwarded))
             return
-        total = 0
-        for start, end in runs:
-            total += end - start
-        limit = self.max_bytes
-        if limit and self.forwarded + total > limit:
-            # Forward exactly up to max_bytes, then cut: never one byte more.
-            allowed = limit - self.forwarded
-            kept: list[tuple[int, int]] = []
-            for start, end in runs:
-                if allowed <= 0:
-                    break
-                take = min(end - start, allowed)
-                kept.append((start, start + take))
-                allowed -= take
-            self._write_chunk(view, kept, limit - self.forwarded)
-            self.forwarded = limit
-            self._fail(Input.CUT_TOO_LARGE, PayloadTooLarge(decoder.payload, limit, self.forwarded))
-            return
-        self._write_chunk(view, runs, total)
-        self.forwarded += total
-        if decoder.done:
-            self.down_transport.write(_LAST_CHUNK)
+        self._write_payload(view, runs, framer.payload - self.forwarded)
+        self.forwarded = framer.payload
+        if framer.over_limit:
+            # Exactly max_bytes went out; never one byte more.
+            self._fail(
+                Input.CUT_TOO_LARGE,
+                PayloadTooLarge(framer.seen, framer.limit, self.forwarded),
+            )
+        elif framer.done:
+            if self._reframe:
+                self.down_transport.write(_LAST_CHUNK)
             self._upload_complete()
 
-    def _write_chunk(self, view: memoryview, runs: list[tuple[int, int]], total: int) -> None:
-        """One outgoing chunk for all payload runs of one read."""
-        if total:
-            parts: list[bytes | memoryview] = [b"%x\r\n" % total]
-            parts.extend(view[start:end] for start, end in runs)
+    def _write_payload(self, view: memoryview, runs: Runs, total: int) -> None:
+        """One write (or one outgoing chunk) for all payload runs of one read."""
+        if not total:
+            return
+        if len(runs) == 1 and not self._reframe:
+            start, end = runs[0]
+            self.down_transport.write(view[start:end])
+            return
+        parts: list[bytes | memoryview] = [b"%x\r\n" % total] if self._reframe else []
+        parts.extend(view[start:end] for start, end in runs)
+        if self._reframe:
             parts.append(_CRLF)
-            self.down_transport.writelines(parts)
+        self.down_transport.writelines(parts)
 
     def _upload_complete(self) -> None:
         self.up_gate.pause()
@@ -306,7 +333,7 @@ class Splice:
         self.up_gate.pause()
 
     def download_resumed(self) -> None:
-        self._progress += 1
+        self._last_progress = self._timer.clock()
         pinned = self._pinned
         if pinned:
             for buf in pinned:
@@ -339,14 +366,13 @@ class Splice:
     # --- idle detection ------------------------------------------------------------
 
     def _arm_idle(self) -> None:
-        self._idle_seen = self._progress
-        self._idle_timer = self.loop.call_later(self.idle_timeout_s, self._idle_check)
+        self._deadline = self._timer.at(self._last_progress + self.idle_timeout_s, self._idle_check)
 
     def _idle_check(self) -> None:
-        self._idle_timer = None
+        self._deadline = None
         if self._finished:
             return
-        if self._progress == self._idle_seen:
+        if self._timer.clock() - self._last_progress >= self.idle_timeout_s:
             self._fail(
                 Input.IDLE_TIMEOUT,
                 IdleTimeout(
@@ -355,7 +381,7 @@ class Splice:
                 ),
             )
         else:
-            self._arm_idle()
+            self._arm_idle()  # bytes moved since: the deadline follows them
 
     # --- endings -------------------------------------------------------------------
 
@@ -363,20 +389,20 @@ class Splice:
         self._finished = True
         if self._kernel is not None:
             # The dup'd sockets go first: only then do the transports own
-            # the connections again (and an abort really ends them).
+            # the connections again (and a reset really ends them).
             self._kernel.close()
         self.relay.bytes = self.forwarded
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
 
     def _succeed(self) -> None:
         self._end()
         self.relay.finish(Input.UPLOAD_COMPLETE, None)
-        self.down.finish_download()
+        self.down.transfer_ended(None, True)
         body = json.dumps({"bytes": self.forwarded, "status": "ok"}, separators=(",", ":"))
-        self.up.finish_upload(
-            simple_response(200, "application/json", body.encode(), close=True), body_read=True
+        self.up.transfer_ended(
+            simple_response(200, "application/json", body.encode(), close=True), True
         )
 
     def _fail(self, event: Input, err: TransferError) -> None:
@@ -386,14 +412,13 @@ class Splice:
         self._pinned.clear()
         self._buf = None
         self.relay.finish(event, err)
-        self.down.abort_download()
+        self.down.transfer_ended(None, False)
         # A source that is already gone ignores this; one that is still
         # there (download lost, too large, idle, bad framing) reads why.
-        self.up.finish_upload(
-            simple_response(err.status, err.content_type, err.body(), close=True),
-            body_read=False,
+        self.up.transfer_ended(
+            simple_response(err.status, err.content_type, err.body(), close=True), False
         )
 
     def __repr__(self) -> str:
         state = "finished" if self._finished else "streaming"
-        return f"<Splice {state} forwarded={self.forwarded} pinned={len(self._pinned)}>"
+        return f"<Transfer {state} forwarded={self.forwarded} pinned={len(self._pinned)}>"

@@ -1,4 +1,4 @@
-"""The data path through fake transports: buffer ownership and backpressure.
+"""The transfer through fake transports: buffer ownership and backpressure.
 
 These are the rules of runtime-facts §1 and §3 that a loopback test cannot
 reliably provoke: a pinned receive buffer must never be handed out again,
@@ -15,7 +15,8 @@ from typing import Any
 from fakes import FakeTransport
 
 from fastrelay import Outcome, Registry, RelayConfig
-from fastrelay.protocol import HttpConnection, Phase
+from fastrelay.connection import HttpConnection
+from fastrelay.phases import Phase
 from fastrelay.server import RelayServer
 
 BUF = 4096
@@ -25,9 +26,9 @@ def run(coro_fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
     asyncio.run(coro_fn())
 
 
-def make_server() -> RelayServer:
-    config = RelayConfig(port=0, read_buffer_bytes=BUF, shared_secret="s")
-    return RelayServer(config, Registry())
+def make_server(registry: Registry | None = None, **config: Any) -> RelayServer:
+    cfg = RelayConfig(port=0, read_buffer_bytes=BUF, shared_secret="s", **config)
+    return RelayServer(cfg, registry or Registry())
 
 
 def connect(server: RelayServer) -> tuple[HttpConnection, FakeTransport]:
@@ -75,7 +76,7 @@ def test_pinned_buffer_is_never_reused_until_the_download_drains() -> None:
         gt.feed(get_head(relay.ticket))
         put, pt = connect(server)
         pt.feed(put_head(relay.ticket, len(payload), expect=True))
-        assert put.phase is Phase.UPLOAD and get.phase is Phase.DOWNLOAD
+        assert put.phase is Phase.UPLOADING and get.phase is Phase.DOWNLOADING
         assert pt.data == b"HTTP/1.1 100 Continue\r\n\r\n"  # at once: GET was waiting
         assert gt.limits == (0, 0)  # plain TCP download: high=0
 
@@ -107,7 +108,7 @@ def test_pinned_buffer_is_never_reused_until_the_download_drains() -> None:
 
         pt.feed(payload[3 * BUF :])
         assert body_of(gt) == payload
-        assert gt.closed and not gt.aborted
+        assert get.phase is Phase.READING_HEAD and not gt.aborted  # kept for the next request
         assert relay.outcome is Outcome.OK
         assert pt.data.endswith(b'{"bytes":%d,"status":"ok"}' % len(payload))
 
@@ -128,7 +129,7 @@ def test_success_waits_for_the_download_to_drain() -> None:
         assert not relay.done() and not gt.closed  # not yet handed over
         gt.pending = 0
         get.resume_writing()
-        assert relay.outcome is Outcome.OK and gt.closed
+        assert relay.outcome is Outcome.OK and get.phase is Phase.READING_HEAD
         assert b'"status":"ok"' in pt.data
 
     run(main)
@@ -238,6 +239,7 @@ def test_put_without_any_framing_is_an_empty_body_and_a_complete_get() -> None:
             f"Authorization: Bearer {relay.ticket}\r\n\r\n".encode()
         )
         assert b"Content-Length: 0\r\n" in gt.data and b"chunked" not in gt.data
-        assert relay.outcome is Outcome.OK and gt.closed and not gt.aborted
+        assert relay.outcome is Outcome.OK and not gt.aborted
+        assert get.phase is Phase.READING_HEAD
 
     run(main)

@@ -1,0 +1,705 @@
+"""One client connection: the asyncio shell around `phases.LIFECYCLE`.
+
+`HttpConnection` turns every transport callback into one `phases.Event`
+and runs the handler the lifecycle table names for (phase, event). Handlers
+are the methods below named in the table; they are the only code that
+changes ``self.phase``.
+
+Requests: heads are cut and parsed by `heads.py` (one framing, the same as
+h11's), mint bodies framed by `framing.BodyFramer`, answers written here by
+`_answer`, which keeps the connection for the next request when the request
+was read to its end and HTTP allows it, and otherwise closes (lingering when
+a body is left unread).
+
+Relays: a ``/relay/{ticket}`` request claims its side (`Relay.claim`). The
+claim that completes a pair builds the `transfer.Transfer` from the relay
+and the two connections and tells both ``PAIRED``; from then on the data
+path is the transfer's, and this object only forwards callbacks to it.
+
+Receive buffers (`get_buffer`): an upload's reads go into the transfer's
+pooled buffers. Every other read lands in one server-wide scratch buffer and
+`buffer_updated` copies what arrived into the connection's ``inbuf`` at
+once. That is safe because both loops call ``get_buffer`` and
+``buffer_updated`` back to back on the loop thread, and no view of the
+scratch buffer outlives the call.
+
+Memory per connection is bounded whatever the client does:
+
+* ``inbuf`` holds at most one request head plus one read (64 KiB) while
+  heads are read; more without a complete head is a 431;
+* answers the client does not read: at most ``CONTROL_WRITE_HIGH`` plus one
+  answer; past it the connection stops reading (``ANSWERING``) until the
+  transport drains;
+* a waiting upload: at most ``config.waiting_body_bytes`` of its body (and
+  all waiting uploads together at most ``config.max_waiting_body_total``);
+* input pipelined behind a GET: ``max_head_bytes`` plus one read.
+
+Errors: a `RelayError` raised while handling a request is answered by
+`_refuse`, the one place that turns errors into responses. Any other
+exception is a bug: `_dispatch` answers 500 if nothing was sent yet (else
+aborts), logs one line with the exception type, and the server lives on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+from typing import TYPE_CHECKING, Literal, Protocol, cast
+
+from . import logsafe
+from .chunked import ChunkError
+from .config import RelayConfig
+from .deadlines import Deadline
+from .errors import (
+    BadRequest,
+    InternalError,
+    MintBodyTooLarge,
+    RelayError,
+    RequestTimeout,
+    TicketNotFound,
+    Unauthorized,
+)
+from .flow import BufferPool, ReadGate
+from .framing import BodyFramer
+from .heads import (
+    CONTINUE_100,
+    RequestHead,
+    Route,
+    error_response,
+    find_head_end,
+    parse_head,
+    route,
+    simple_response,
+)
+from .phases import LIFECYCLE, Event, Phase
+from .tickets import extract_bearer_ticket
+from .timer import LoopTimer
+from .transfer import Transfer
+
+if TYPE_CHECKING:
+    from .registry import Registry, Relay
+
+log = logging.getLogger("fastrelay")
+
+# Answers are small; past this much unsent, the client is not reading and
+# we stop reading its requests (ANSWERING). uvloop's default low mark is 16
+# *bytes* (runtime-facts §3): always set both.
+CONTROL_WRITE_HIGH = 64 * 1024
+CONTROL_WRITE_LOW = 16 * 1024
+
+# SO_LINGER on, timeout 0: close() sends a TCP reset instead of a FIN. That
+# is how a failed download is told apart from a complete one by every client
+# (a close-delimited or keep-alive answer cut by a FIN looks complete to
+# some of them).
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)
+
+# Over TLS a reset is not enough: Python's ssl (and others) report a TCP
+# reset without close_notify as a "ragged EOF" and, by default, as a clean
+# end of stream, so a Content-Length download cut short reads as complete
+# to urllib. Instead we put this record on the wire: a plaintext
+# alert where only encrypted records may come, which every TLS client
+# rejects with an error (OpenSSL: "bad record type"). It goes through a dup
+# of the socket because asyncio's TLS layer cannot send an alert.
+_TLS_POISON_RECORD = b"\x15\x03\x03\x00\x02\x02\x28"
+
+
+class ConnectionHost(Protocol):
+    """What a connection needs from the server that accepted it."""
+
+    @property
+    def config(self) -> RelayConfig: ...
+    @property
+    def registry(self) -> Registry: ...
+    @property
+    def timer(self) -> LoopTimer: ...
+    @property
+    def pool(self) -> BufferPool: ...
+    @property
+    def scratch(self) -> memoryview: ...
+    @property
+    def draining(self) -> bool: ...
+
+    def connection_opened(self, conn: HttpConnection) -> bool:
+        """Count a new connection in; False if it must be refused."""
+
+    def connection_closed(self, conn: HttpConnection) -> None: ...
+
+    def hold_waiting_bytes(self, delta: int) -> bool:
+        """Account ``delta`` bytes held for waiting uploads; False when the
+        server-wide bound is reached (the upload must stop being read)."""
+
+    def answer_small(
+        self, route: Route, head: RequestHead, body: bytes | None
+    ) -> tuple[int, str, bytes]:
+        """Status, content type and body for mint, health or metrics."""
+
+    def check_mint(self, head: RequestHead) -> None: ...
+
+
+class HttpConnection(asyncio.BufferedProtocol):
+    __slots__ = (
+        "_deadline",
+        "_eof_seen",
+        "_held",
+        "_mint_body",
+        "_mint_framer",
+        "_pending_error",
+        "_side",
+        "_unread_body",
+        "gate",
+        "head",
+        "inbuf",
+        "lost_exc",
+        "phase",
+        "relay",
+        "server",
+        "transfer",
+        "transport",
+        "write_paused",
+    )
+
+    def __init__(self, server: ConnectionHost) -> None:
+        self.server = server
+        self.phase = Phase.CLOSED  # until connection_made
+        self.inbuf = bytearray()
+        self.head: RequestHead | None = None
+        self.relay: Relay | None = None
+        self.transfer: Transfer | None = None
+        self.write_paused = False
+        self.lost_exc: Exception | None = None
+        self._side: Literal["PUT", "GET"] = "GET"
+        self._mint_framer: BodyFramer | None = None
+        self._mint_body = bytearray()
+        self._pending_error: RelayError | None = None
+        self._deadline: Deadline | None = None
+        self._held = 0  # bytes of a waiting upload counted by the server
+        self._eof_seen = False
+        self._unread_body = False  # the current request has body bytes we did not read
+
+    # --- asyncio callbacks: each is one Event ---------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        self.gate = ReadGate(transport)
+        transport.set_write_buffer_limits(high=CONTROL_WRITE_HIGH, low=CONTROL_WRITE_LOW)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # Not a TCP socket (tests), or already gone: nothing to keep alive.
+            with contextlib.suppress(OSError, TypeError, AttributeError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                keepalive_s = self.server.config.tcp_keepalive_s
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, keepalive_s)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, keepalive_s)
+        if not self.server.connection_opened(self):
+            transport.abort()
+            return
+        self.phase = Phase.READING_HEAD
+        self._arm(self.server.config.header_timeout_s)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # WARNING: never pause, close or abort in here (uvloop segfaults).
+        if self.phase is Phase.UPLOADING:
+            assert self.transfer is not None
+            return self.transfer.upload_buffer()
+        return self.server.scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.phase is Phase.UPLOADING:
+            # The hot path: LIFECYCLE[(UPLOADING, DATA)] is feed_transfer,
+            # inlined here to save the table lookup on every read.
+            assert self.transfer is not None
+            self.transfer.upload_received(nbytes)
+            return
+        self.inbuf += self.server.scratch[:nbytes]
+        self._dispatch(Event.DATA)
+
+    def eof_received(self) -> bool | None:
+        self._eof_seen = True
+        self._dispatch(Event.EOF)
+        # Keep the transport half-open while a transfer still writes to it.
+        return True if self.phase in (Phase.DOWNLOADING, Phase.UPLOADING) else None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost_exc = exc
+        self._dispatch(Event.LOST)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._dispatch(Event.WRITE_PAUSED)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._dispatch(Event.WRITE_RESUMED)
+
+    # --- calls from the server, the relay and the transfer -------------------------
+
+    def shut_down(self) -> None:
+        """The server is closing."""
+        self._dispatch(Event.SHUTDOWN)
+
+    def paired(self, transfer: Transfer) -> None:
+        """`Relay.claim` paired us: ``transfer`` is the data path from now on."""
+        self.transfer = transfer
+        self._dispatch(Event.PAIRED)
+
+    def relay_ended(self, err: RelayError) -> None:
+        """`registry.WaitingEnd`: the relay ended while we waited."""
+        self._pending_error = err
+        self._dispatch(Event.PARTNER_GONE)
+
+    def transfer_ended(self, answer: bytes | None, ok: bool) -> None:
+        """`transfer.TransferEnd`: the transfer is over."""
+        self._dispatch(Event.PARTNER_GONE, answer, ok)
+
+    # --- the dispatcher ------------------------------------------------------------
+
+    def _dispatch(self, event: Event, answer: bytes | None = None, ok: bool = False) -> None:
+        step = LIFECYCLE[(self.phase, event)]
+        try:
+            if event is Event.PARTNER_GONE and step.handler in ("answer_upload", "end_download"):
+                getattr(self, step.handler)(answer, ok)
+            else:
+                getattr(self, step.handler)()
+        except Exception as exc:  # a bug: answer it, log one line, keep serving
+            self._internal_error(exc)
+
+    def _internal_error(self, exc: Exception) -> None:
+        log.error(
+            "internal error in %s while %s: %s: %s",
+            self.head.method if self.head else "connection",
+            self.phase.value,
+            type(exc).__name__,
+            logsafe.safe(exc),
+        )
+        if self.phase in (Phase.READING_HEAD, Phase.READING_BODY, Phase.WAITING):
+            self._cancel_deadline()
+            if self.relay is not None:
+                relay, self.relay = self.relay, None
+                relay.leave(self)
+            self._refuse(InternalError())
+        elif self.phase is not Phase.CLOSED:
+            self._reset()
+
+    # --- handlers named in LIFECYCLE ----------------------------------------------
+
+    def ignore(self) -> None:
+        pass
+
+    def note_write_state(self) -> None:
+        pass  # pause_writing/resume_writing already recorded it
+
+    def note_eof(self) -> None:
+        pass  # eof_received recorded it; a download finishes first
+
+    def discard_input(self) -> None:
+        self.inbuf.clear()
+
+    def hold_input(self) -> None:
+        # Pipelined input behind a GET or a held answer: keep it for later,
+        # but never more than a head and a read.
+        if len(self.inbuf) > self.server.config.max_head_bytes:
+            self.gate.pause()
+
+    def forget(self) -> None:
+        self.phase = Phase.CLOSED
+        self._cancel_deadline()
+        self._release_held()
+        self.server.connection_closed(self)
+
+    def close(self) -> None:
+        self.phase = Phase.CLOSED
+        self._cancel_deadline()
+        self._release_held()
+        self.transport.close()
+
+    def abort(self) -> None:
+        self.phase = Phase.CLOSED
+        self._cancel_deadline()
+        self.transport.abort()
+
+    def read_requests(self) -> None:
+        """Handle every complete request in ``inbuf``, in order."""
+        try:
+            while not self.write_paused:
+                if self.phase is Phase.READING_HEAD:
+                    if not self._read_head():
+                        return
+                elif self.phase is Phase.READING_BODY:
+                    if not self._read_mint_body():
+                        return
+                else:
+                    return
+        except RelayError as err:
+            self._refuse(err)
+        if self.write_paused and self.phase is Phase.READING_HEAD:
+            self.hold_answers()
+
+    def hold_answers(self) -> None:
+        """The client is not reading our answers: stop reading its requests."""
+        self.phase = Phase.ANSWERING
+        self.gate.pause()
+        self._arm(self.server.config.header_timeout_s)
+
+    def resume_requests(self) -> None:
+        self.phase = Phase.READING_HEAD
+        self.gate.resume()
+        self._arm(self.server.config.header_timeout_s)
+        self.read_requests()
+
+    def head_timed_out(self) -> None:
+        self._deadline = None
+        if self.phase is Phase.READING_HEAD and not self.inbuf:
+            self.close()  # an idle keep-alive connection: just close it
+        else:
+            self._refuse(RequestTimeout())
+
+    # waiting for a partner
+
+    def hold_waiting_input(self) -> None:
+        if self._side == "GET":
+            self.hold_input()
+            return
+        # A waiting upload's body: keep reading a bounded part of it, since
+        # only a read can show that its client died (a dead client's FIN
+        # waits behind every byte we have not read: runtime-facts §8).
+        config = self.server.config
+        grown = len(self.inbuf) - self._held
+        self._held += grown
+        fits = self.server.hold_waiting_bytes(grown)
+        if not fits or self._held >= config.waiting_body_bytes:
+            self.gate.pause()
+
+    def leave_relay(self) -> None:
+        """The waiting client half-closed: it is gone for our purposes."""
+        self._leave()
+        self.close()
+
+    def leave_relay_lost(self) -> None:
+        self._leave()
+        self.forget()
+
+    def _leave(self) -> None:
+        relay, self.relay = self.relay, None
+        if relay is not None:
+            relay.leave(self)  # the claim is free for a retry; our bytes go
+
+    def answer_relay_ended(self) -> None:
+        self.relay = None
+        err = self._pending_error
+        self._pending_error = None
+        assert err is not None
+        self._refuse(err)
+
+    def join_transfer(self) -> None:
+        transfer = self.transfer
+        assert transfer is not None
+        self.relay = None
+        if self._side == "PUT":
+            self._release_held()
+            self.phase = Phase.UPLOADING
+        else:
+            self.phase = Phase.DOWNLOADING
+
+    # the two ends of a transfer
+
+    def feed_transfer(self) -> None:
+        # Reached only through the table walk: buffer_updated inlines it.
+        pass
+
+    def upload_eof(self) -> None:
+        assert self.transfer is not None
+        self.transfer.upload_eof()
+
+    def upload_lost(self) -> None:
+        transfer, self.transfer = self.transfer, None
+        self.forget()
+        if transfer is not None:
+            transfer.upload_lost(self.lost_exc)
+
+    def download_lost(self) -> None:
+        transfer, self.transfer = self.transfer, None
+        self.forget()
+        if transfer is not None:
+            transfer.download_lost(self.lost_exc)
+
+    def download_paused(self) -> None:
+        assert self.transfer is not None
+        self.transfer.download_paused()
+
+    def download_resumed(self) -> None:
+        assert self.transfer is not None
+        self.transfer.download_resumed()
+
+    def cut_transfer(self) -> None:
+        assert self.transfer is not None
+        self.transfer.shut_down()
+
+    def answer_upload(self, answer: bytes | None, ok: bool) -> None:
+        """The transfer is over: the source reads its answer; we close."""
+        self.transfer = None
+        if self.transport.is_closing():
+            self.phase = Phase.CLOSED
+            return
+        assert answer is not None
+        self.transport.write(answer)
+        self._close_after_answer(body_read=ok)
+
+    def end_download(self, answer: bytes | None, ok: bool) -> None:
+        """Where a failure becomes visible to the receiver: a reset."""
+        self.transfer = None
+        if not ok:
+            self._reset()
+            return
+        head = self.head
+        self.transport.set_write_buffer_limits(high=CONTROL_WRITE_HIGH, low=CONTROL_WRITE_LOW)
+        if (
+            head is None
+            or not head.keep_alive
+            or head.http10
+            or self._eof_seen
+            or self.server.draining
+        ):
+            self.close()
+            return
+        # The body is complete: the connection is the client's again.
+        self.head = None
+        self.phase = Phase.READING_HEAD
+        self.gate.resume()
+        self._arm(self.server.config.header_timeout_s)
+        if self.inbuf:
+            self.read_requests()
+
+    # --- requests ------------------------------------------------------------------
+
+    def _read_head(self) -> bool:
+        """Parse and dispatch one head if it is all here. True to go on."""
+        end = find_head_end(self.inbuf, self.server.config.max_head_bytes)
+        if end is None:
+            return False
+        raw = bytes(self.inbuf[:end])
+        del self.inbuf[:end]
+        self._cancel_deadline()
+        self.head = None
+        head = self.head = parse_head(raw)
+        self._unread_body = head.has_body
+        if head.dropped:
+            log.warning(
+                "dropped non-ASCII header(s) %s from %s %s",
+                ",".join(head.dropped),
+                head.method,
+                logsafe.safe(head.path, 64),
+            )
+        kind, ticket = route(head)
+        if kind is Route.RELAY_PUT or kind is Route.RELAY_GET:
+            assert ticket is not None
+            self._claim("PUT" if kind is Route.RELAY_PUT else "GET", ticket, head)
+        elif kind is Route.MINT:
+            self._start_mint(head)
+        else:
+            self._answer(*self.server.answer_small(kind, head, None))
+        return True
+
+    def _claim(self, side: Literal["PUT", "GET"], ticket: str, head: RequestHead) -> None:
+        # Checks 1-3 of PROTOCOL.md, in order; check 4 (408) is the relay's
+        # pairing deadline, which ends it while we wait.
+        if extract_bearer_ticket(head.header("authorization")) != ticket:
+            raise Unauthorized()
+        relay = self.server.registry.lookup(ticket)
+        if relay is None:
+            raise TicketNotFound()
+        self._side = side
+        partner = relay.claim(side, self)
+        self.relay = relay
+        self.phase = Phase.WAITING
+        if partner is None:
+            if side == "PUT" and self.inbuf:
+                self.hold_waiting_input()
+            return
+        # We completed the pair: build the transfer from the two ends.
+        up, down = (self, partner) if side == "PUT" else (partner, self)
+        assert isinstance(up, HttpConnection) and isinstance(down, HttpConnection)
+        assert up.head is not None and down.head is not None
+        server = self.server
+        transfer = Transfer(
+            relay,
+            up,
+            up.head,
+            down,
+            download_http10=down.head.http10,
+            pool=server.pool,
+            timer=server.timer,
+            config=server.config,
+        )
+        prefix = bytes(up.inbuf)
+        up.inbuf.clear()
+        up.paired(transfer)
+        down.paired(transfer)
+        transfer.start(prefix)
+
+    def _start_mint(self, head: RequestHead) -> None:
+        config = self.server.config
+        limit = config.max_mint_body_bytes
+        if head.content_length is not None and head.content_length > limit:
+            raise MintBodyTooLarge()
+        try:
+            self.server.check_mint(head)
+        except RelayError as err:
+            if head.expect_continue:
+                raise  # the client waits for our word: answer now, and close
+            # Read (and drop) the body, then answer on a connection that
+            # stays usable: refusing a well-framed mint is no framing error.
+            self._pending_error = err
+        else:
+            if head.expect_continue:
+                self.transport.write(CONTINUE_100)
+        self._mint_framer = BodyFramer(head.content_length, head.chunked, limit)
+        self._mint_body.clear()
+        self.phase = Phase.READING_BODY
+        self._arm(config.header_timeout_s)  # a slow-dripped body is no better than a slow head
+
+    def _read_mint_body(self) -> bool:
+        framer, inbuf = self._mint_framer, self.inbuf
+        assert framer is not None and self.head is not None
+        try:
+            runs, consumed = framer.feed(inbuf)
+        except ChunkError as exc:
+            raise BadRequest(str(exc)) from None
+        if framer.over_limit:
+            raise MintBodyTooLarge()
+        if self._pending_error is None:
+            for start, end in runs:
+                self._mint_body += inbuf[start:end]
+        del inbuf[:consumed]
+        if not framer.done:
+            return False
+        self._mint_framer = None
+        self._unread_body = False
+        self._cancel_deadline()
+        err, self._pending_error = self._pending_error, None
+        if err is not None:
+            self._refuse(err)
+            return True
+        body = bytes(self._mint_body)
+        self._mint_body.clear()
+        try:
+            answer = self.server.answer_small(Route.MINT, self.head, body)
+        except RelayError as exc:
+            self._refuse(exc)
+            return True
+        self._answer(*answer)
+        return True
+
+    # --- answers -------------------------------------------------------------------
+
+    def _answer(self, status: int, content_type: str, body: bytes) -> None:
+        """Answer the current request, whose body (if any) was read in full."""
+        head = self.head
+        assert head is not None
+        keep = head.keep_alive and not self.server.draining
+        self.transport.write(
+            simple_response(
+                status, content_type, body, close=not keep, head_only=head.method == "HEAD"
+            )
+        )
+        self._next_request(keep)
+
+    def _refuse(self, err: RelayError) -> None:
+        """The one place where a `RelayError` becomes a response."""
+        if self.phase in (Phase.CLOSED, Phase.LINGERING) or self.transport.is_closing():
+            return
+        head = self.head
+        # A request whose head failed to parse, whose body we did not read to
+        # its end, or that timed out leaves the stream at an unknown place:
+        # close after answering. Any other refusal keeps the connection.
+        framed = head is not None and not self._unread_body and not isinstance(err, RequestTimeout)
+        keep = framed and head is not None and head.keep_alive and not self.server.draining
+        self.transport.write(
+            error_response(
+                err, close=not keep, head_only=head is not None and head.method == "HEAD"
+            )
+        )
+        if keep:
+            self._next_request(True)
+        else:
+            self._close_after_answer(body_read=head is not None and framed)
+
+    def _next_request(self, keep: bool) -> None:
+        if not keep:
+            self._close_after_answer(body_read=True)
+            return
+        self.phase = Phase.READING_HEAD
+        self.head = None
+        self._arm(self.server.config.header_timeout_s)
+        if self.write_paused:
+            self.hold_answers()
+
+    def _close_after_answer(self, *, body_read: bool) -> None:
+        self._cancel_deadline()
+        self._release_held()
+        if body_read:
+            self.phase = Phase.CLOSED
+            self.transport.close()
+            return
+        # Lingering close: the client may still be sending a body we will
+        # never read. Closing now would reset the connection and could
+        # destroy our answer in flight; read and discard for a while instead.
+        self.phase = Phase.LINGERING
+        self.inbuf.clear()
+        if self.transport.can_write_eof():
+            # The peer may have reset already; the linger deadline still closes.
+            with contextlib.suppress(OSError):
+                self.transport.write_eof()
+        self.gate.resume()
+        self._arm(self.server.config.linger_s)
+
+    def _reset(self) -> None:
+        """End the connection so that the receiver sees a failure.
+
+        Plain TCP: a reset (SO_LINGER 0). TLS: an invalid record, then a
+        plain close; a reset there could discard that record before the
+        client reads it, leaving only a "ragged EOF" that TLS clients may
+        take for the end of the stream.
+        """
+        self.phase = Phase.CLOSED
+        self._cancel_deadline()
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError, TypeError, AttributeError):
+                if self.transport.get_extra_info("sslcontext") is not None:
+                    raw = sock.dup()
+                    try:
+                        raw.setblocking(False)
+                        raw.send(_TLS_POISON_RECORD)
+                    finally:
+                        raw.close()
+                else:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+        self.transport.abort()
+
+    # --- this connection's one deadline --------------------------------------------
+
+    def _arm(self, delay_s: float) -> None:
+        self._cancel_deadline()
+        self._deadline = self.server.timer.after(delay_s, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._deadline = None
+        self._dispatch(Event.TIMER)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _release_held(self) -> None:
+        if self._held:
+            self.server.hold_waiting_bytes(-self._held)
+            self._held = 0
+
+    def __repr__(self) -> str:
+        return f"<HttpConnection {self.phase.value}>"
