@@ -1,4 +1,4 @@
-"""``python -m fastrelay serve ...``"""
+"""``python -m fastrelay serve|mint|put|get ...`` (same as the ``fastrelay`` command)."""
 
 import sys
 

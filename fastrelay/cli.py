@@ -1,4 +1,8 @@
-"""``fastrelay serve``: command line -> RelayConfig -> a running server.
+"""``fastrelay``: the command line (``serve``, and the client's ``mint``, ``put``, ``get``).
+
+``serve``: command line -> RelayConfig -> a running server. ``mint``,
+``put`` and ``get`` come from `client_cli` (their exit codes are documented
+there).
 
 Configuration errors (port in use, unreadable certificate, bad flag values)
 exit with status 2 and one line on stderr, never a traceback or usage block:
@@ -10,24 +14,39 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import importlib.metadata
 import logging
 import math
 import os
 import re
+import resource
 import secrets
 import signal
 import ssl
 import stat
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import NoReturn, cast
 
+from . import __version__
+from .client_cli import COMMANDS as CLIENT_COMMANDS
+from .client_cli import add_client_commands, run_client_command
 from .config import MAX_DURATION_S, ConfigValueError, RelayConfig, format_number
+from .logformat import JsonFormatter
 from .logsafe import safe
 from .server import RelayServer
 from .tls import CertificateError, server_ssl_context
 
 SECRET_ENV = "FASTRELAY_SHARED_SECRET"
+DESCRIPTION = (
+    "fastrelay is a one-use-ticket HTTP byte relay: an orchestrator mints a ticket, "
+    "the source PUTs and the destination GETs, and the bytes stream from one socket "
+    "to the other without being stored."
+)
+# Descriptors kept free of --max-connections: listening sockets, the log,
+# splice(2) pipes and dup'd sockets of transfers in flight, certificate reloads.
+RESERVED_FDS = 64
 log = logging.getLogger("fastrelay")
 
 
@@ -82,9 +101,10 @@ def _whole(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="fastrelay", description=__doc__.splitlines()[0])
+    parser = Parser(prog="fastrelay", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"fastrelay {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the relay server")
+    serve = sub.add_parser("serve", help="run the relay server", description=DESCRIPTION)
     d = RelayConfig()
     serve.add_argument("--host", default=d.host, help="address to listen on (%(default)s)")
     serve.add_argument("--port", type=_whole, default=d.port, help="port, 0 for any (%(default)s)")
@@ -93,11 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="base of upload_url/download_url in mint answers "
         "(default: scheme://host:port this server listens on)",
     )
-    serve.add_argument("--certfile", help="PEM certificate chain: serve HTTPS")
-    serve.add_argument("--keyfile", help="PEM private key for --certfile")
+    serve.add_argument(
+        "--certfile", help="PEM certificate chain: serve HTTPS (default: none, plain HTTP)"
+    )
+    serve.add_argument("--keyfile", help="PEM private key for --certfile (default: none)")
     serve.add_argument(
         "--shared-secret-file",
-        help=f"file holding the mint secret (else ${SECRET_ENV}; else one is generated)",
+        help=f"file holding the mint secret (default: none; then ${SECRET_ENV}; "
+        "else one is generated and printed once)",
     )
     serve.add_argument(
         "--ttl", type=_number, default=d.ticket_ttl_s, help="default pairing TTL, s (%(default)s)"
@@ -130,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-connections",
         type=_whole,
         default=d.max_connections,
-        help="open connections at most; more are closed at once (%(default)s)",
+        help="open connections at most; more are closed at once; lowered to the "
+        f"open-file limit minus {RESERVED_FDS} if above it (%(default)s)",
     )
     serve.add_argument(
         "--max-pending",
@@ -158,10 +182,35 @@ def build_parser() -> argparse.ArgumentParser:
         "move through splice(2); 0 disables (%(default)s)",
     )
     serve.add_argument(
-        "--loop", choices=("auto", "uvloop", "asyncio"), default="auto", help="event loop"
+        "--loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="event loop; auto is uvloop when installed (%(default)s)",
     )
-    serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    serve.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="log threshold; INFO logs one line per relay created and ended (%(default)s)",
+    )
+    serve.add_argument(
+        "--log-format",
+        default="text",
+        choices=("text", "json"),
+        help="text lines, or one JSON object per line (%(default)s)",
+    )
+    # The client's commands are Parsers too (one-line errors, exit 2); the
+    # cast is only because _SubParsersAction is invariant in its parser type.
+    add_client_commands(cast("argparse._SubParsersAction[argparse.ArgumentParser]", sub))
     return parser
+
+
+def version() -> str:
+    """The installed distribution's version (the source tree's if not installed)."""
+    try:
+        return importlib.metadata.version("fastrelay")
+    except importlib.metadata.PackageNotFoundError:
+        return __version__
 
 
 def read_secret(path: str | None) -> tuple[str, bool]:
@@ -230,6 +279,46 @@ def check_drain_timeout(value: float) -> None:
         )
 
 
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; returns the soft limit
+    now in force (unchanged if it cannot be raised)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and (soft == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+        else:
+            soft = hard
+    return soft
+
+
+def fit_max_connections(config: RelayConfig, fd_limit: int) -> RelayConfig:
+    """``config`` with --max-connections lowered to what ``fd_limit`` allows,
+    saying so on stderr once."""
+    if fd_limit == resource.RLIM_INFINITY:
+        return config
+    allowed = max(fd_limit - RESERVED_FDS, 1)
+    if config.max_connections <= allowed:
+        return config
+    print(
+        f"fastrelay: --max-connections lowered from {config.max_connections} to {allowed} "
+        f"(open-file limit {fd_limit})",
+        file=sys.stderr,
+        flush=True,
+    )
+    return dataclasses.replace(config, max_connections=allowed)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
+
+
 def make_ssl(config: RelayConfig) -> ssl.SSLContext | None:
     if config.certfile is None:
         return None
@@ -252,8 +341,6 @@ async def serve(
         raise ConfigError(
             f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
         ) from None
-    print(f"fastrelay: listening on {server.url}", flush=True)
-
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = 0
@@ -268,6 +355,9 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
+    # Ready only once the handlers are in: a SIGTERM sent as soon as this
+    # line is read must drain, not kill the process.
+    print(f"fastrelay: listening on {server.url}", flush=True)
     await stop.wait()
     log.info("draining: no new connections; waiting up to %gs for transfers", drain_timeout_s)
     await server.drain(drain_timeout_s)
@@ -276,15 +366,14 @@ async def serve(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    if args.command in CLIENT_COMMANDS:
+        return run_client_command(args)
+    setup_logging(args.log_level, args.log_format)
     try:
         check_drain_timeout(args.drain_timeout)
         secret, generated = read_secret(args.shared_secret_file)
         config = config_from_args(args, secret)
+        config = fit_max_connections(config, raise_fd_limit())
         ssl_ctx = make_ssl(config)
         if generated:
             print(

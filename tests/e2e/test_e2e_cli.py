@@ -189,3 +189,168 @@ def test_bad_flag_values_are_one_line_naming_the_flag(case: str) -> None:
     # The flag comes after --port 0 so that its own value is the one judged.
     proc = serve("--port", "0", *argv, env={"FASTRELAY_SHARED_SECRET": "x"})
     assert one_error_line(proc).startswith(f"fastrelay: error: {expected}")
+
+
+# --- open-file limit, version, client subcommands, JSON logs ---------------------
+
+
+def test_max_connections_lowered_to_the_open_file_limit() -> None:
+    import resource
+
+    full_env = {**os.environ, "FASTRELAY_SHARED_SECRET": "x"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastrelay", "serve", "--host", "127.0.0.1", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=full_env,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)),
+    )
+    try:
+        ready_url(proc)
+    finally:
+        rc, err = stop(proc)
+    assert rc == 0, err
+    expected = "fastrelay: --max-connections lowered from 10000 to 192 (open-file limit 256)"
+    assert err.splitlines().count(expected) == 1, err
+
+
+def test_max_connections_within_the_limit_is_left_alone() -> None:
+    proc = serve("--port", "0", "--max-connections", "100", env={"FASTRELAY_SHARED_SECRET": "x"})
+    try:
+        ready_url(proc)
+    finally:
+        rc, err = stop(proc)
+    assert rc == 0 and "lowered" not in err, err
+
+
+@pytest.mark.parametrize("entry", ["script", "module"])
+def test_version(entry: str) -> None:
+    from importlib.metadata import version
+
+    cmd = [sys.executable, "-m", "fastrelay"]
+    if entry == "script":
+        cmd = [str(pathlib.Path(sys.executable).with_name("fastrelay"))]
+    out = subprocess.run([*cmd, "--version"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"fastrelay {version('fastrelay')}\n"
+
+
+def test_help_describes_and_lists_every_command() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "fastrelay", "--help"], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0
+    assert "byte relay" in out.stdout
+    for command in ("serve", "mint", "put", "get"):
+        assert command in out.stdout
+
+
+def test_every_serve_flag_shows_its_default() -> None:
+    import re
+
+    out = subprocess.run(
+        [sys.executable, "-m", "fastrelay", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "COLUMNS": "1000"},  # one line per flag
+    )
+    assert out.returncode == 0
+    options = out.stdout.split("options:\n", 1)[1]
+    # One entry per flag: "  --flag VALUE  help" plus indented continuation lines.
+    entries = [" ".join(e.split()) for e in re.split(r"\n(?=  -)", options)]
+    flags = [e for e in entries if not e.startswith("-h, --help")]
+    assert len(flags) >= 18
+    for entry in flags:
+        assert re.search(r"\((default: )?[^()]+\)$", entry), entry
+
+
+def test_client_commands_run_through_the_main_cli(tmp_path: pathlib.Path) -> None:
+    proc = serve("--port", "0", env={"FASTRELAY_SHARED_SECRET": "s3cret"})
+    try:
+        url = ready_url(proc)
+        env = {**os.environ, "FASTRELAY_SHARED_SECRET": "s3cret"}
+        fastrelay = [sys.executable, "-m", "fastrelay"]
+        mint = subprocess.run(
+            [*fastrelay, "mint", url, "--workspace", "w", "--source", "s", "--dest", "d"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=env,
+        )
+        assert mint.returncode == 0, mint.stderr
+        upload_url = json.loads(mint.stdout)["upload_url"]
+        data = os.urandom(200_000)
+        (tmp_path / "in.bin").write_bytes(data)
+        get = subprocess.Popen(
+            [*fastrelay, "get", upload_url, "-o", str(tmp_path / "out.bin")],
+            stderr=subprocess.PIPE,
+        )
+        put = subprocess.run(
+            [*fastrelay, "put", upload_url, str(tmp_path / "in.bin")],
+            capture_output=True,
+            timeout=60,
+        )
+        _, get_err = get.communicate(timeout=60)
+        assert put.returncode == 0, put.stderr
+        assert get.returncode == 0, get_err
+        assert (tmp_path / "out.bin").read_bytes() == data
+        # A refusal exits 3 (client_cli's EXIT_REFUSED): the ticket is used up.
+        again = subprocess.run(
+            [*fastrelay, "get", upload_url, "-o", str(tmp_path / "again.bin")],
+            capture_output=True,
+            timeout=60,
+        )
+        assert again.returncode == 3, again.stderr
+    finally:
+        stop(proc)
+
+
+FASTRELAY = [sys.executable, "-m", "fastrelay"]
+
+
+def test_client_usage_errors_exit_2() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "FASTRELAY_SHARED_SECRET"}
+    out = subprocess.run(
+        [
+            *FASTRELAY,
+            "mint",
+            "http://127.0.0.1:9",
+            "--workspace",
+            "w",
+            "--source",
+            "s",
+            "--dest",
+            "d",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
+    assert out.returncode == 2 and "no mint secret" in out.stderr
+
+
+def test_json_log_format() -> None:
+    proc = serve("--port", "0", "--log-format", "json", env={"FASTRELAY_SHARED_SECRET": "s"})
+    try:
+        url = ready_url(proc)
+        req = urllib.request.Request(
+            url + "/api/exec-gateway/relay/create",
+            data='{"workspace_id":"w\u00e9","source_exe_id":"s","dest_exe_id":"d"}'.encode(),
+            headers={"Authorization": "Bearer s"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            ticket = json.loads(resp.read())["ticket"]
+    finally:
+        rc, err = stop(proc)
+    assert rc == 0, err
+    assert ticket not in err
+    records = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert records, err
+    for rec in records:
+        assert {"time", "level", "logger", "event", "message"} <= rec.keys()
+    [created] = [r for r in records if r["event"] == "relay_created"]
+    assert created["workspace"] == "w\u00e9" and len(created["id"]) == 12
+    assert err.isascii()  # non-ASCII ids come out as JSON escapes

@@ -1,0 +1,817 @@
+"""A typed client for a fastrelay server: mint, upload (PUT), download (GET).
+
+``Client`` (blocking) and ``AsyncClient`` (asyncio) have the same methods and
+share everything but socket I/O:
+
+* **mint** goes through httpx (a small JSON request/response, where httpx's
+  connection pooling and TLS settings are what we want);
+* **put/get** are written as *sans-IO flows* on h11: generators that yield
+  "send these bytes" / "give me the next bytes" / "set the idle timeout" and
+  receive the results. ``_drive_sync`` and ``_drive_async`` are the only two
+  pieces of code that touch a socket. httpx cannot be used here because it
+  neither sends request trailers nor exposes response trailers (both carry
+  the RFC 9530 digest of a streamed body), and it does not wait for
+  ``100 Continue``, which we need to tell a refusal from a failed transfer.
+
+Integrity (RFC 9530): ``put`` sends ``Repr-Digest: sha-256=:<b64>:`` as a
+header when the size is known up front (regular file, bytes), or as a trailer
+of the chunked body when it is a stream. ``get`` verifies a sha-256
+``Repr-Digest`` found in the response headers or trailers and raises
+`DigestMismatch` (leaving no destination file) when it does not match.
+
+Errors: every failure is a `fastrelay.errors.RelayError` whose ``status`` is
+an HTTP status. The relay's answers map onto the server's own error classes;
+failures only the client can see are `TransferFailed` and `DigestMismatch`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import math
+import os
+import re
+import socket
+import ssl
+import stat
+import urllib.parse
+from collections.abc import Callable, Generator, Iterable, Iterator
+from typing import IO, Any, NamedTuple, Protocol, TypeAlias, TypeVar
+
+import h11
+import httpx
+
+from fastrelay import errors
+
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "DigestMismatch",
+    "GetResult",
+    "MintResult",
+    "Progress",
+    "PutResult",
+    "RelayRefused",
+    "TransferFailed",
+]
+
+MINT_PATH = "/api/exec-gateway/relay/create"
+CHUNK_SIZE = 256 * 1024
+# Error answers are small; never buffer more than this of one.
+_MAX_ERROR_BODY = 64 * 1024
+_USER_AGENT = "fastrelay-client"
+# The HTTP meaning of a failure the relay never answered (reset, truncated
+# body, corrupt bytes): the upstream (the relay) gave an invalid response.
+_BAD_GATEWAY = 502
+
+Source: TypeAlias = "str | os.PathLike[str] | bytes | IO[bytes] | Iterable[bytes]"
+Dest: TypeAlias = "str | os.PathLike[str] | IO[bytes]"
+T = TypeVar("T")
+
+
+# --- results and errors -----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MintResult:
+    ticket: str
+    upload_url: str
+    download_url: str
+    expires_at: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class PutResult:
+    bytes: int
+    """Bytes the relay reports handed to the destination."""
+    digest: str
+    """Hex sha-256 of what was sent."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GetResult:
+    bytes: int
+    digest: str
+    """Hex sha-256 of what was received."""
+    verified: bool
+    """True when the response carried a sha-256 ``Repr-Digest`` and it matched."""
+
+
+class RelayRefused(errors.RelayError):
+    """An error answer with no more specific class; ``status`` is the answer's."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class TransferFailed(errors.RelayError):
+    """The transfer started but did not complete.
+
+    The connection broke, the body ended short, or (for ``put``) the relay
+    answered an error after body bytes were sent; then ``status`` is that
+    answer's status and ``__cause__`` the mapped relay error. Otherwise
+    ``status`` is 502.
+    """
+
+    def __init__(self, message: str, status: int = _BAD_GATEWAY) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class DigestMismatch(errors.RelayError):
+    """The bytes received do not match the ``Repr-Digest`` sent with them."""
+
+    status = _BAD_GATEWAY
+
+    def __init__(self, expected: str, actual: str) -> None:
+        super().__init__(f"sha-256 mismatch: expected {expected}, received {actual}")
+        self.expected = expected
+        self.actual = actual
+
+
+class Progress(Protocol):
+    """Receives transfer progress (the CLI draws a bar with it)."""
+
+    def start(self, total: int | None) -> None:
+        """The body starts moving; ``total`` is its size when known."""
+
+    def advance(self, n: int) -> None:
+        """``n`` more bytes moved."""
+
+
+class _NoProgress:
+    def start(self, total: int | None) -> None:
+        pass
+
+    def advance(self, n: int) -> None:
+        pass
+
+
+# --- error mapping: the one place HTTP answers become exceptions -----------------
+
+
+def _answer_message(body: bytes) -> str:
+    text = body.decode("utf-8", "replace").strip()
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return text
+    if isinstance(doc, dict) and isinstance(doc.get("error"), str):
+        return str(doc["error"])
+    return text
+
+
+def _forwarded(body: bytes) -> int:
+    """The ``bytes`` field of a transfer error body, else 0."""
+    with contextlib.suppress(ValueError):
+        doc = json.loads(body)
+        if isinstance(doc, dict) and isinstance(doc.get("bytes"), int):
+            return int(doc["bytes"])
+    return 0
+
+
+def answer_error(status: int, body: bytes, *, mint: bool = False) -> errors.RelayError:
+    """The exception for an error answer of the relay (status, body)."""
+    message = _answer_message(body)
+    err: errors.RelayError
+    if status == 401:
+        err = errors.MintUnauthorized() if mint else errors.Unauthorized()
+    elif status == 410:
+        err = errors.TicketNotFound()
+    elif status == 423:
+        m = re.match(r"(\w+) side already claimed", message)
+        err = errors.SideAlreadyClaimed(m.group(1) if m else "this")
+    elif status == 408:
+        m = re.search(r"waiting for (\w+) side", message)
+        err = errors.PairingTimeout(m.group(1) if m else "other")
+    elif status == 413 and mint:
+        err = errors.MintBodyTooLarge()
+    elif status == 413:
+        m = re.search(r"\((\d+) > (\d+)\)", message)
+        seen, limit = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+        err = errors.PayloadTooLarge(seen, limit, _forwarded(body))
+    elif status == 429:
+        err = errors.WorkspaceCapReached()
+    else:
+        return RelayRefused(status, message or f"HTTP {status}")
+    if message and message != err.message:
+        # Keep the relay's own words; the class gives the meaning.
+        err.message = message
+        err.args = (message,)
+    return err
+
+
+# --- URLs, TLS, digests ------------------------------------------------------------
+
+
+class _Target(NamedTuple):
+    tls: bool
+    host: str
+    port: int
+    target: str
+    host_header: str
+    ticket: str
+
+
+def _parse_relay_url(url: str) -> _Target:
+    """Split ``http(s)://host[:port]/relay/<ticket>``; the ticket is the last segment."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {url!r}")
+    ticket = urllib.parse.unquote(parts.path.rstrip("/").rpartition("/")[2])
+    if not ticket:
+        raise ValueError(f"no ticket in URL: {url!r}")
+    tls = parts.scheme == "https"
+    port = parts.port or (443 if tls else 80)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return _Target(tls, parts.hostname, port, target, parts.netloc.rpartition("@")[2], ticket)
+
+
+def _ssl_context(verify: ssl.SSLContext | str | bool) -> ssl.SSLContext:
+    """One context for httpx and our own sockets (a str is a CA bundle file)."""
+    if isinstance(verify, ssl.SSLContext):
+        return verify
+    if isinstance(verify, str):
+        ctx = ssl.create_default_context(cafile=verify)
+    else:
+        ctx = ssl.create_default_context()
+        if not verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def format_repr_digest(sha256: bytes) -> str:
+    """RFC 9530 ``Repr-Digest`` field value for a sha-256 digest."""
+    return f"sha-256=:{base64.b64encode(sha256).decode()}:"
+
+
+def parse_repr_digest(values: Iterable[str]) -> bytes | None:
+    """The sha-256 of ``Repr-Digest`` field values, or None if none is sha-256.
+
+    Other algorithms are ignored; a malformed sha-256 member fails as a
+    mismatch would, because we cannot vouch for the bytes.
+    """
+    for value in values:
+        for member in value.split(","):
+            name, _, rest = member.partition("=")
+            if name.strip().lower() != "sha-256":
+                continue
+            item = rest.split(";", 1)[0].strip()
+            try:
+                if not (len(item) >= 2 and item[0] == item[-1] == ":"):
+                    raise ValueError(item)
+                digest = base64.b64decode(item[1:-1], validate=True)
+            except (ValueError, binascii.Error):
+                raise DigestMismatch(f"a malformed value {item!r}", "?") from None
+            if len(digest) != 32:
+                raise DigestMismatch(f"a {len(digest)}-byte value", "?")
+            return digest
+    return None
+
+
+def _header_values(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[str]:
+    return [v.decode("latin-1") for k, v in headers if k.lower() == name]
+
+
+# --- upload sources and download sinks (file I/O, shared by sync and async) -------
+
+
+@dataclasses.dataclass
+class _Body:
+    chunks: Iterator[bytes]
+    length: int | None  # None: chunked, digest in a trailer
+    digest: bytes | None  # known up front: sent as a header
+    close: Callable[[], None]
+
+
+def _read_chunks(f: IO[bytes]) -> Iterator[bytes]:
+    while chunk := f.read(CHUNK_SIZE):
+        yield chunk
+
+
+def _file_body(f: IO[bytes], close: Callable[[], None]) -> _Body:
+    """A regular file is hashed first so the digest can go in the head."""
+    try:
+        st = os.fstat(f.fileno())
+        regular = stat.S_ISREG(st.st_mode) and f.seekable()
+    except (OSError, AttributeError, ValueError):
+        regular = False  # io.BytesIO and friends have no fileno
+    if not regular:
+        return _Body(_read_chunks(f), None, None, close)
+    start = f.tell()
+    hasher = hashlib.sha256()
+    for chunk in _read_chunks(f):
+        hasher.update(chunk)
+    length = f.tell() - start
+    f.seek(start)
+    return _Body(_read_chunks(f), length, hasher.digest(), close)
+
+
+def _open_source(source: Source) -> _Body:
+    if isinstance(source, bytes | bytearray | memoryview):
+        data = bytes(source)
+        return _Body(iter([data]), len(data), hashlib.sha256(data).digest(), lambda: None)
+    if isinstance(source, str | os.PathLike):
+        f = open(source, "rb")  # noqa: SIM115 - closed by _Body.close
+        try:
+            return _file_body(f, f.close)
+        except BaseException:
+            f.close()
+            raise
+    if hasattr(source, "read"):
+        return _file_body(source, lambda: None)  # type: ignore[arg-type]
+    return _Body(iter(source), None, None, lambda: None)
+
+
+class _Sink:
+    """Where a download goes; a path gets ``<path>.partial`` renamed on success."""
+
+    def __init__(self, dest: Dest) -> None:
+        self._path: str | None = None
+        self._file: IO[bytes] | None = None
+        if isinstance(dest, str | os.PathLike):
+            self._path = os.fspath(dest)
+        else:
+            self._file = dest
+
+    @property
+    def partial(self) -> str | None:
+        return None if self._path is None else self._path + ".partial"
+
+    def _opened(self) -> IO[bytes]:
+        # Opened at the first byte, so a refused download creates no file.
+        if self._file is None:
+            assert self.partial is not None
+            self._file = open(self.partial, "wb")  # noqa: SIM115 - closed by commit/abort
+        return self._file
+
+    def write(self, data: bytes) -> None:
+        self._opened().write(data)
+
+    def commit(self) -> None:
+        f = self._opened()
+        f.flush()
+        if self._path is not None and self.partial is not None:
+            os.fsync(f.fileno())
+            f.close()
+            os.replace(self.partial, self._path)
+
+    def abort(self) -> None:
+        if self._path is not None and self.partial is not None:
+            if self._file is not None:
+                self._file.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.partial)
+
+
+# --- sans-IO flows ---------------------------------------------------------------
+
+
+class _Send(NamedTuple):
+    data: bytes
+
+
+class _Recv(NamedTuple):
+    pass
+
+
+class _Idle(NamedTuple):
+    """From now on, fail a send or receive that waits longer than ``seconds``."""
+
+    seconds: float | None
+
+
+_Op: TypeAlias = _Send | _Recv | _Idle
+# A flow yields operations, is sent received bytes (b"" at EOF, and b"" after
+# a send), and has socket errors thrown into it.
+_Flow: TypeAlias = Generator[_Op, bytes, T]
+
+
+def _next_event(conn: h11.Connection) -> _Flow[h11.Event]:
+    """The next event from the relay, receiving as needed."""
+    while True:
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise TransferFailed(f"incomplete or malformed answer from the relay: {exc}") from exc
+        if event is h11.NEED_DATA:
+            try:
+                data = yield _Recv()
+            except OSError as exc:
+                raise TransferFailed(f"connection to the relay broke: {exc!r}") from exc
+            conn.receive_data(data)
+            continue
+        if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+            raise TransferFailed("the relay closed the connection without a complete answer")
+        assert isinstance(event, h11.Event)
+        return event
+
+
+def _final_response(conn: h11.Connection) -> _Flow[h11.Response | h11.InformationalResponse]:
+    event = yield from _next_event(conn)
+    assert isinstance(event, h11.Response | h11.InformationalResponse)
+    return event
+
+
+def _small_body(conn: h11.Connection) -> _Flow[bytes]:
+    """An answer's body (error or PUT result), bounded."""
+    body = bytearray()
+    while True:
+        event = yield from _next_event(conn)
+        if isinstance(event, h11.EndOfMessage):
+            return bytes(body)
+        if isinstance(event, h11.Data) and len(body) < _MAX_ERROR_BODY:
+            body += event.data
+
+
+def _request(method: str, t: _Target, extra: list[tuple[str, str]]) -> h11.Request:
+    headers = [
+        ("Host", t.host_header),
+        ("Authorization", f"Bearer {t.ticket}"),
+        ("User-Agent", _USER_AGENT),
+        *extra,
+    ]
+    return h11.Request(method=method, target=t.target, headers=headers)
+
+
+def _put_flow(t: _Target, body: _Body, progress: Progress, idle: float | None) -> _Flow[PutResult]:
+    conn = h11.Connection(h11.CLIENT)
+    if body.length is not None:
+        assert body.digest is not None
+        framing = [
+            ("Content-Length", str(body.length)),
+            ("Repr-Digest", format_repr_digest(body.digest)),
+        ]
+    else:
+        framing = [("Transfer-Encoding", "chunked"), ("Trailer", "Repr-Digest")]
+    # Expect: the relay answers 100 at pairing, or a final status if it
+    # refuses. Not reading the source before then keeps a refusal clean (no
+    # byte consumed from a pipe) and tells "refused" from "failed".
+    head = [("Content-Type", "application/octet-stream"), ("Expect", "100-continue"), *framing]
+    yield _Send(conn.send(_request("PUT", t, head)))
+    event = yield from _final_response(conn)  # no idle limit: the relay times pairing
+    if isinstance(event, h11.Response):
+        answer = yield from _small_body(conn)
+        raise answer_error(event.status_code, answer)
+    yield _Idle(idle)
+    progress.start(body.length)
+    hasher, sent = hashlib.sha256(), 0
+    try:
+        for chunk in body.chunks:
+            if chunk:
+                hasher.update(chunk)
+                sent += len(chunk)
+                yield _Send(conn.send(h11.Data(data=chunk)))
+                progress.advance(len(chunk))
+        if body.length is not None and body.digest != hasher.digest():
+            raise TransferFailed("the source changed while it was being sent")
+        trailers = (
+            []
+            if body.length is not None
+            else [("Repr-Digest", format_repr_digest(hasher.digest()))]
+        )
+        yield _Send(conn.send(h11.EndOfMessage(headers=trailers)))
+    except h11.LocalProtocolError as exc:
+        raise TransferFailed(f"the source does not match its size: {exc}") from exc
+    except OSError:
+        pass  # the relay may have answered early (413, idle...) and closed: read it
+    event = yield from _final_response(conn)
+    while isinstance(event, h11.InformationalResponse):
+        event = yield from _final_response(conn)
+    answer = yield from _small_body(conn)
+    if event.status_code != 200:
+        cause = answer_error(event.status_code, answer)
+        raise TransferFailed(f"upload failed: {cause.message}", event.status_code) from cause
+    try:
+        relayed = int(json.loads(answer)["bytes"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise TransferFailed(f"unexpected answer from the relay: {answer[:200]!r}") from exc
+    if relayed != sent:
+        raise TransferFailed(f"the relay delivered {relayed} of {sent} bytes")
+    return PutResult(bytes=relayed, digest=hasher.hexdigest())
+
+
+def _get_flow(t: _Target, sink: _Sink, progress: Progress, idle: float | None) -> _Flow[GetResult]:
+    conn = h11.Connection(h11.CLIENT)
+    yield _Send(conn.send(_request("GET", t, [("Accept-Encoding", "identity")])))
+    event = yield from _final_response(conn)  # waits for pairing, which the relay times
+    while isinstance(event, h11.InformationalResponse):
+        event = yield from _final_response(conn)
+    if event.status_code != 200:
+        answer = yield from _small_body(conn)
+        raise answer_error(event.status_code, answer)
+    yield _Idle(idle)
+    expected = parse_repr_digest(_header_values(event.headers, b"repr-digest"))
+    length = _header_values(event.headers, b"content-length")
+    progress.start(int(length[0]) if length else None)
+    hasher, received = hashlib.sha256(), 0
+    while True:
+        part = yield from _next_event(conn)
+        if isinstance(part, h11.Data):
+            sink.write(part.data)
+            hasher.update(part.data)
+            received += len(part.data)
+            progress.advance(len(part.data))
+        elif isinstance(part, h11.EndOfMessage):
+            trailer = parse_repr_digest(_header_values(part.headers, b"repr-digest"))
+            expected = trailer if trailer is not None else expected
+            break
+    if expected is not None and expected != hasher.digest():
+        raise DigestMismatch(expected.hex(), hasher.hexdigest())
+    return GetResult(bytes=received, digest=hasher.hexdigest(), verified=expected is not None)
+
+
+# --- the two drivers: the only code that touches a socket --------------------------
+
+
+def _drive_sync(t: _Target, ctx: ssl.SSLContext, timeout: float | None, flow: _Flow[T]) -> T:
+    try:
+        sock = socket.create_connection((t.host, t.port), timeout=timeout)
+        if t.tls:
+            try:
+                sock = ctx.wrap_socket(sock, server_hostname=t.host)
+            except BaseException:
+                sock.close()  # a failed handshake must not leak the TCP socket
+                raise
+    except OSError as exc:
+        flow.close()
+        raise TransferFailed(f"cannot connect to {t.host}:{t.port}: {exc}") from exc
+    with sock:
+        sock.settimeout(None)
+        op = next(flow)
+        while True:
+            reply, error = b"", None
+            try:
+                if isinstance(op, _Send):
+                    sock.sendall(op.data)
+                elif isinstance(op, _Recv):
+                    reply = sock.recv(CHUNK_SIZE)
+                else:
+                    sock.settimeout(op.seconds)
+            except OSError as exc:
+                error = exc
+            try:
+                op = flow.throw(error) if error is not None else flow.send(reply)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+
+
+async def _drive_async(t: _Target, ctx: ssl.SSLContext, timeout: float | None, flow: _Flow[T]) -> T:
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(
+                t.host,
+                t.port,
+                ssl=ctx if t.tls else None,
+                server_hostname=t.host if t.tls else None,
+            ),
+            timeout,
+        )
+    except OSError as exc:
+        flow.close()
+        raise TransferFailed(f"cannot connect to {t.host}:{t.port}: {exc}") from exc
+    idle: float | None = None
+    try:
+        op = next(flow)
+        while True:
+            reply, error = b"", None
+            try:
+                if isinstance(op, _Send):
+                    writer.write(op.data)
+                    await asyncio.wait_for(writer.drain(), idle)
+                elif isinstance(op, _Recv):
+                    reply = await asyncio.wait_for(reader.read(CHUNK_SIZE), idle)
+                else:
+                    idle = op.seconds
+            except OSError as exc:  # TimeoutError is an OSError too
+                error = exc
+            try:
+                op = flow.throw(error) if error is not None else flow.send(reply)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+# --- the public clients --------------------------------------------------------------
+
+
+def _mint_request(
+    secret: str | None,
+    workspace_id: str,
+    source_exe_id: str,
+    dest_exe_id: str,
+    ttl: float | None,
+    max_bytes: int,
+) -> tuple[dict[str, str], dict[str, Any]]:
+    if secret is None:
+        raise ValueError("minting needs the relay's shared secret (secret=...)")
+    payload: dict[str, Any] = {
+        "workspace_id": workspace_id,
+        "source_exe_id": source_exe_id,
+        "dest_exe_id": dest_exe_id,
+    }
+    if ttl is not None:
+        payload["ttl_seconds"] = math.ceil(ttl)  # the wire field is whole seconds
+    if max_bytes:
+        payload["max_bytes"] = max_bytes
+    return {"Authorization": f"Bearer {secret}"}, payload
+
+
+def _parse_expires_at(text: str) -> dt.datetime:
+    # RFC 3339 UTC; Go sends nanoseconds, which fromisoformat may not take.
+    text = re.sub(r"(\.\d{6})\d+", r"\1", text)
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _mint_result(status: int, body: bytes) -> MintResult:
+    if status != 201:
+        raise answer_error(status, body, mint=True)
+    try:
+        doc = json.loads(body)
+        return MintResult(
+            ticket=str(doc["ticket"]),
+            upload_url=str(doc["upload_url"]),
+            download_url=str(doc["download_url"]),
+            expires_at=_parse_expires_at(str(doc["expires_at"])),
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RelayRefused(status, f"unexpected mint answer: {body[:200]!r}") from exc
+
+
+def _mint_url(base_url: str | None) -> str:
+    if base_url is None:
+        raise ValueError("minting needs the relay's base_url")
+    return base_url.rstrip("/") + MINT_PATH
+
+
+def _put_parts(url: str, source: Source) -> tuple[_Target, _Body]:
+    target = _parse_relay_url(url)  # before opening: a bad URL leaks no file
+    return target, _open_source(source)
+
+
+def _get_parts(url: str, dest: Dest) -> tuple[_Target, _Sink]:
+    return _parse_relay_url(url), _Sink(dest)
+
+
+class _Base:
+    def __init__(
+        self,
+        base_url: str | None,
+        secret: str | None,
+        verify: ssl.SSLContext | str | bool,
+        timeout: float | None,
+    ) -> None:
+        self.base_url = base_url
+        self._secret = secret
+        self._ssl = _ssl_context(verify)
+        self._timeout = timeout
+
+
+class Client(_Base):
+    """Blocking client.
+
+    ``timeout`` bounds connecting and, once a transfer moves, each send or
+    receive (idle time). Waiting to be paired is not bounded here: the
+    relay answers 408 when the ticket's deadline passes.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        secret: str | None = None,
+        verify: ssl.SSLContext | str | bool = True,
+        timeout: float | None = 60.0,
+    ) -> None:
+        super().__init__(base_url, secret, verify, timeout)
+        self._http = httpx.Client(verify=self._ssl, timeout=timeout)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def mint(
+        self,
+        workspace_id: str,
+        source_exe_id: str,
+        dest_exe_id: str,
+        *,
+        ttl: float | None = None,
+        max_bytes: int = 0,
+    ) -> MintResult:
+        url = _mint_url(self.base_url)
+        headers, payload = _mint_request(
+            self._secret, workspace_id, source_exe_id, dest_exe_id, ttl, max_bytes
+        )
+        try:
+            resp = self._http.post(url, headers=headers, json=payload)
+        except httpx.TransportError as exc:
+            raise TransferFailed(f"mint request failed: {exc!r}") from exc
+        return _mint_result(resp.status_code, resp.content)
+
+    def put(
+        self, upload_url: str, source: Source, *, progress: Progress | None = None
+    ) -> PutResult:
+        target, body = _put_parts(upload_url, source)
+        try:
+            flow = _put_flow(target, body, progress or _NoProgress(), self._timeout)
+            return _drive_sync(target, self._ssl, self._timeout, flow)
+        finally:
+            body.close()
+
+    def get(self, download_url: str, dest: Dest, *, progress: Progress | None = None) -> GetResult:
+        target, sink = _get_parts(download_url, dest)
+        flow = _get_flow(target, sink, progress or _NoProgress(), self._timeout)
+        try:
+            result = _drive_sync(target, self._ssl, self._timeout, flow)
+            sink.commit()
+        except BaseException:
+            sink.abort()
+            raise
+        return result
+
+
+class AsyncClient(_Base):
+    """The asyncio twin of `Client`: same arguments, methods are coroutines.
+
+    File reads and writes stay blocking (local disk); only the network waits.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        secret: str | None = None,
+        verify: ssl.SSLContext | str | bool = True,
+        timeout: float | None = 60.0,
+    ) -> None:
+        super().__init__(base_url, secret, verify, timeout)
+        self._http = httpx.AsyncClient(verify=self._ssl, timeout=timeout)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def mint(
+        self,
+        workspace_id: str,
+        source_exe_id: str,
+        dest_exe_id: str,
+        *,
+        ttl: float | None = None,
+        max_bytes: int = 0,
+    ) -> MintResult:
+        url = _mint_url(self.base_url)
+        headers, payload = _mint_request(
+            self._secret, workspace_id, source_exe_id, dest_exe_id, ttl, max_bytes
+        )
+        try:
+            resp = await self._http.post(url, headers=headers, json=payload)
+        except httpx.TransportError as exc:
+            raise TransferFailed(f"mint request failed: {exc!r}") from exc
+        return _mint_result(resp.status_code, resp.content)
+
+    async def put(
+        self, upload_url: str, source: Source, *, progress: Progress | None = None
+    ) -> PutResult:
+        target, body = _put_parts(upload_url, source)
+        try:
+            flow = _put_flow(target, body, progress or _NoProgress(), self._timeout)
+            return await _drive_async(target, self._ssl, self._timeout, flow)
+        finally:
+            body.close()
+
+    async def get(
+        self, download_url: str, dest: Dest, *, progress: Progress | None = None
+    ) -> GetResult:
+        target, sink = _get_parts(download_url, dest)
+        flow = _get_flow(target, sink, progress or _NoProgress(), self._timeout)
+        try:
+            result = await _drive_async(target, self._ssl, self._timeout, flow)
+            sink.commit()
+        except BaseException:
+            sink.abort()
+            raise
+        return result
