@@ -19,9 +19,10 @@ RFC 9112 §7.1 grammar, with these deliberate limits:
 
 * chunk-size is 1-16 hex digits (a 64-bit size; more is an attack);
 * a chunk-size line, extensions included, is at most `MAX_LINE_BYTES`;
-* extensions are skipped, trailers are read and dropped, at most
-  `MAX_TRAILER_BYTES` in all (we never forward them: the GET gets our own
-  framing);
+* extensions are skipped; the trailer section is kept (at most
+  `MAX_TRAILER_BYTES` in all) in ``trailer_section`` so the caller can pass
+  chosen fields (``Repr-Digest``) on; its bytes are only ever visited one by
+  one, like the rest of the framing;
 * line ends must be CRLF: a bare LF inside framing is a smuggling vector.
 
 Errors raise `ChunkError`; the caller turns that into a 400 or an aborted
@@ -72,7 +73,16 @@ class _S(enum.Enum):
 class ChunkedDecoder:
     """Incremental, non-copying decoder of one chunked body."""
 
-    __slots__ = ("_digits", "_line", "_remaining", "_size", "_state", "_trailer", "payload")
+    __slots__ = (
+        "_digits",
+        "_line",
+        "_remaining",
+        "_size",
+        "_state",
+        "_trailer",
+        "payload",
+        "trailer_section",
+    )
 
     def __init__(self) -> None:
         self._state = _S.SIZE
@@ -83,6 +93,8 @@ class ChunkedDecoder:
         self._trailer = 0
         self.payload = 0
         """Payload bytes found so far."""
+        self.trailer_section = bytearray()
+        """The trailer field lines, each ending in LF (CR dropped)."""
 
     @property
     def done(self) -> bool:
@@ -173,6 +185,7 @@ class ChunkedDecoder:
                 elif c == _LF or c < _SP:
                     raise ChunkError("invalid trailer")
                 else:
+                    self.trailer_section.append(c)
                     state = S.TRAILER_LINE
             elif state is S.TRAILER_LINE:
                 self._trailer += 1
@@ -182,9 +195,12 @@ class ChunkedDecoder:
                     state = S.TRAILER_LINE_LF
                 elif c == _LF:
                     raise ChunkError("bare LF in trailer")
+                else:
+                    self.trailer_section.append(c)
             elif state is S.TRAILER_LINE_LF:
                 if c != _LF:
                     raise ChunkError("expected LF in trailer")
+                self.trailer_section.append(_LF)
                 state = S.TRAILER
             else:  # S.END_LF
                 if c != _LF:

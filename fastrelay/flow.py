@@ -2,7 +2,7 @@
 
 `ReadGate` wraps one transport's reading. ``pause()``/``resume()`` are safe
 to call any number of times; the gate remembers what it asked for so a
-resume never fires twice and a closed transport is never touched. The splice
+resume never fires twice and a closed transport is never touched. The transfer
 pauses the upload's gate from the download's ``pause_writing`` and resumes it
 from ``resume_writing``: that coupling is the relay's whole backpressure.
 
@@ -11,7 +11,7 @@ segfaults when reading stops between its alloc and read (runtime-facts §2).
 Pause from ``buffer_updated`` or another callback.
 
 `BufferPool` hands out fixed-size receive buffers. A buffer goes back to the
-pool only when nothing references it any more; see `splice.py` for the rule
+pool only when nothing references it any more; see `transfer.py` for the rule
 that decides when that is.
 """
 

@@ -63,6 +63,17 @@ class BodyFramer:
         """Content-Length bytes still to come; None for a chunked body."""
         return None if self._decoder is not None else self._remaining
 
+    def trailer_fields(self) -> list[tuple[str, bytes]]:
+        """The chunked body's trailer fields: (lower-cased name, value)."""
+        if self._decoder is None:
+            return []
+        fields = []
+        for line in bytes(self._decoder.trailer_section).split(b"\n"):
+            name, sep, value = line.partition(b":")
+            if sep and name and name == name.strip():
+                fields.append((name.decode("latin-1").lower(), value.strip(b" \t")))
+        return fields
+
     def feed(self, data: bytes | bytearray | memoryview) -> tuple[Runs, int]:
         """Frame ``data``; return (payload runs, bytes consumed).
 

@@ -25,11 +25,13 @@ see. Rules we enforce beyond h11, each a 400 (nginx-style):
 * ``Content-Length`` together with ``Transfer-Encoding`` (h11 would frame
   as chunked, a front proxy may not);
 * ``Transfer-Encoding`` in an HTTP/1.0 request (RFC 9112 §6.1);
+* (also a singleton: ``Repr-Digest``, which is copied to the GET);
 * control characters in a field value.
 
 Only ``Transfer-Encoding: chunked`` is accepted (501 for others). Copied
-headers (``Content-Type``, ``Content-Disposition``) that are not visible
-ASCII are dropped, and their names reported in ``RequestHead.dropped``.
+headers (``Content-Type``, ``Content-Disposition``, ``Repr-Digest``) that are
+not visible ASCII are dropped, and their names reported in
+``RequestHead.dropped``.
 
 Responses are small and fixed in shape, so we format their heads directly
 rather than drive h11's writer: a relay answers one request per connection
@@ -86,6 +88,7 @@ _SINGLETONS = frozenset(
         b"host",
         b"content-type",
         b"content-disposition",
+        b"repr-digest",
         b"expect",
     }
 )
@@ -94,7 +97,10 @@ _SINGLETONS = frozenset(
 # (VCHAR and SP): anything else is dropped rather than relayed to a client
 # that may interpret it differently.
 _VISIBLE_ASCII = re.compile(rb"[\x20-\x7e]*")
-COPIED_HEADERS = ("content-type", "content-disposition")
+COPIED_HEADERS = ("content-type", "content-disposition", "repr-digest")
+# Of a chunked upload's trailer fields, only these reach the chunked GET:
+# the end-to-end digest (RFC 9530) that `fastrelay put` sends for a stream.
+COPIED_TRAILERS = ("repr-digest",)
 
 # Bodies bigger than this cannot be a real Content-Length (2**63 - 1, Go's int64).
 MAX_CONTENT_LENGTH = 2**63 - 1
@@ -338,13 +344,13 @@ def error_response(err: RelayError, *, close: bool, head_only: bool = False) -> 
 
 
 def download_head(
-    content_type: str | None,
-    content_disposition: str | None,
+    copied: list[tuple[str, str]],
     content_length: int | None,
     *,
     close_delimited: bool = False,
 ) -> bytes:
-    """The GET's 200 head: the PUT's length when known, else chunked.
+    """The GET's 200 head: the PUT's `COPIED_HEADERS` (``copied``), and the
+    PUT's length when known, else chunked.
 
     A close-delimited body (``close_delimited``: only for an HTTP/1.0 client,
     which cannot read chunks) ends at our close; its failure is a reset. It
@@ -353,9 +359,9 @@ def download_head(
     §7). Success answers do not announce ``Connection: close``: the
     connection stays open for the client's next request.
     """
-    headers = [("Content-Type", content_type or "application/octet-stream")]
-    if content_disposition:
-        headers.append(("Content-Disposition", content_disposition))
+    given = dict(copied)
+    headers = [("Content-Type", given.pop("content-type", None) or "application/octet-stream")]
+    headers.extend((_HEADER_CASE.get(name, name), value) for name, value in given.items())
     if close_delimited:
         pass
     elif content_length is None:
@@ -363,3 +369,17 @@ def download_head(
     else:
         headers.append(("Content-Length", str(content_length)))
     return response_head(200, headers, close=close_delimited)
+
+
+_HEADER_CASE = {"content-disposition": "Content-Disposition", "repr-digest": "Repr-Digest"}
+
+
+def last_chunk(trailers: list[tuple[str, bytes]]) -> bytes:
+    """The end of a chunked body, with the `COPIED_TRAILERS` among ``trailers``
+    that are visible ASCII."""
+    lines = [
+        _HEADER_CASE.get(name, name).encode() + b": " + value + b"\r\n"
+        for name, value in trailers
+        if name in COPIED_TRAILERS and _VISIBLE_ASCII.fullmatch(value)
+    ]
+    return b"0\r\n" + b"".join(lines) + b"\r\n"

@@ -10,7 +10,7 @@ on the 2-core box (runtime-facts §2, §4): relay CPU drops from ~0.33-0.43 to
 the cores.
 
 The hand-over from the transports (runtime-facts §4, verified on uvloop and
-asyncio) is strictly sequential, and `Splice` drives it:
+asyncio) is strictly sequential, and `transfer.Transfer` drives it:
 
 1. the upload transport's reading is paused (from a callback, never from
    ``get_buffer``), so no byte is read by the transport after this point;

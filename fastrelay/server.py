@@ -36,7 +36,7 @@ from .tls import server_ssl_context
 log = logging.getLogger("fastrelay")
 
 # One server-wide buffer for request heads and small bodies; bytes are copied
-# out of it in the same callback (see protocol.py). 64 KiB is libuv's read
+# out of it in the same callback (see connection.py). 64 KiB is libuv's read
 # size hint.
 SCRATCH_BYTES = 64 * 1024
 

@@ -65,7 +65,14 @@ from .errors import (
 )
 from .flow import BufferPool, ReadGate
 from .framing import BodyFramer, Runs
-from .heads import CONTINUE_100, COPIED_HEADERS, RequestHead, download_head, simple_response
+from .heads import (
+    CONTINUE_100,
+    COPIED_HEADERS,
+    RequestHead,
+    download_head,
+    last_chunk,
+    simple_response,
+)
 from .kernel_splice import AVAILABLE as KERNEL_SPLICE_AVAILABLE
 from .kernel_splice import KernelPipe, dup_transport_socket
 from .session import Input
@@ -74,7 +81,6 @@ from .timer import LoopTimer
 if TYPE_CHECKING:
     from .registry import Relay
 
-_LAST_CHUNK = b"0\r\n\r\n"
 _CRLF = b"\r\n"
 
 
@@ -181,14 +187,9 @@ class Transfer:
         # body (RFC 9112 §6.3): the GET must then say Content-Length: 0, not
         # promise chunks that never come.
         length = None if head.chunked else (head.content_length or 0)
-        copied = [(name, head.header(name)) for name in COPIED_HEADERS]
+        copied = [(name, value) for name in COPIED_HEADERS if (value := head.header(name))]
         self.down_transport.write(
-            download_head(
-                copied[0][1],
-                copied[1][1],
-                length,
-                close_delimited=head.chunked and not self._reframe,
-            )
+            download_head(copied, length, close_delimited=head.chunked and not self._reframe)
         )
         if head.expect_continue and not body_prefix:
             self.up_transport.write(CONTINUE_100)
@@ -303,7 +304,7 @@ class Transfer:
             )
         elif framer.done:
             if self._reframe:
-                self.down_transport.write(_LAST_CHUNK)
+                self.down_transport.write(last_chunk(framer.trailer_fields()))
             self._upload_complete()
 
     def _write_payload(self, view: memoryview, runs: Runs, total: int) -> None:

@@ -266,8 +266,11 @@ def test_api_error_mapping(relay_factory: Callable[..., Relay], tmp_path: pathli
         with pytest.raises(errors.TicketNotFound) as gone:
             c.get(relay.url("rly_nope"), tmp_path / "x")
         assert gone.value.status == 410
-        with pytest.raises(errors.Unauthorized) as unauth:
-            Client(relay.base, secret="wrong").mint("ws", "a", "b")
+        with (
+            Client(relay.base, secret="wrong") as wrong,
+            pytest.raises(errors.Unauthorized) as unauth,
+        ):
+            wrong.mint("ws", "a", "b")
         assert unauth.value.status == 401
         with pytest.raises(RelayRefused) as bad:
             c.mint("", "a", "b")

@@ -227,6 +227,27 @@ def test_idle_transfer_is_aborted_visibly() -> None:
     run(main)
 
 
+def test_idle_timeout_fires_exactly_idle_after_the_last_progress() -> None:
+    """On a fake clock: never early, and not late (the deadline follows progress)."""
+
+    async def main() -> None:
+        now = [1000.0]
+        server = make_server(Registry(clock=lambda: now[0]), idle_timeout_s=10.0)
+        relay = server.registry.create("w", "s", "d")
+        put, pt, get, gt = put_then_get(server, relay.ticket, 100)
+        now[0] += 6.0
+        pt.feed(b"x" * 10)  # progress at t+6: the deadline moves to t+16
+        now[0] += 9.999  # t+15.999: 10 s after pairing, 9.999 s after progress
+        server.timer.run_due()
+        assert not relay.done()
+        now[0] += 0.001  # exactly 10 s after the last progress
+        server.timer.run_due()
+        assert relay.outcome is Outcome.IDLE_TIMEOUT
+        assert gt.aborted
+
+    run(main)
+
+
 def test_put_without_any_framing_is_an_empty_body_and_a_complete_get() -> None:
     async def main() -> None:
         server = make_server()

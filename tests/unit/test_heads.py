@@ -19,6 +19,7 @@ from fastrelay.errors import (
 from fastrelay.heads import (
     Route,
     download_head,
+    last_chunk,
     error_response,
     find_head_end,
     parse_head,
@@ -149,12 +150,30 @@ def test_error_responses_are_valid_http_with_exact_bodies() -> None:
 
 
 def test_download_head_framing() -> None:
-    assert b"Content-Length: 7\r\n" in download_head(None, None, 7)
-    head = download_head("text/csv", 'attachment; filename="a.csv"', None)
+    assert b"Content-Length: 7\r\n" in download_head([], 7)
+    head = download_head(
+        [
+            ("content-type", "text/csv"),
+            ("content-disposition", 'attachment; filename="a.csv"'),
+            ("repr-digest", "sha-256=:AAAA:"),
+        ],
+        None,
+    )
     assert b"Transfer-Encoding: chunked\r\n" in head
     assert b"Content-Type: text/csv\r\n" in head
     assert b'Content-Disposition: attachment; filename="a.csv"\r\n' in head
-    assert b"application/octet-stream" in download_head(None, None, 0)
+    assert b"Repr-Digest: sha-256=:AAAA:\r\n" in head
+    assert b"Connection: close" not in head  # a whole body keeps the connection
+    assert b"application/octet-stream" in download_head([], 0)
+    close_delimited = download_head([], None, close_delimited=True)
+    assert b"chunked" not in close_delimited and b"Content-Length" not in close_delimited
+    assert b"Connection: close\r\n" in close_delimited
+
+
+def test_last_chunk_passes_on_only_the_digest_trailer() -> None:
+    trailers = [("repr-digest", b"sha-256=:AAAA:"), ("x-other", b"1"), ("repr-digest", b"\xff")]
+    assert last_chunk(trailers) == b"0\r\nRepr-Digest: sha-256=:AAAA:\r\n\r\n"
+    assert last_chunk([]) == b"0\r\n\r\n"
 
 
 @settings(max_examples=400, deadline=None)
