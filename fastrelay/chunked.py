@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 h11 can decode chunked bodies, but it copies every byte into its own buffer
 and then into one bytearray per event: at curl's 64 KiB chunks that costs as
-much CPU as the whole relay (runtime-facts §6). We only need to know *where*
+much CPU as the whole relay (docs/runtime-facts.md §6). We only need to know *where*
 the payload is, so `ChunkedDecoder.feed` walks the framing of the bytes just
 received and returns ``(start, end)`` offsets of payload runs inside them. The
 caller forwards those slices of its own receive buffer; no payload byte is

@@ -355,6 +355,15 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
+    if config.wildcard_host and not config.public_url:
+        # No single address of ours is the public one: a mint answer points
+        # at the address its minter used (its Host header).
+        print(
+            f"fastrelay: listening on every address ({config.host or '*'}) without "
+            "--public-url: mint answers take their URLs from each mint request's Host header",
+            file=sys.stderr,
+            flush=True,
+        )
     # Ready only once the handlers are in: a SIGTERM sent as soon as this
     # line is read must drain, not kill the process.
     print(f"fastrelay: listening on {server.url}", flush=True)

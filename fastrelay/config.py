@@ -149,7 +149,7 @@ class RelayConfig:
 
     read_buffer_bytes: int = 256 * KIB
     """Size of each upload receive buffer. 256 KiB-1 MiB measured best
-    (runtime-facts §2); buffers are pooled and only held while the download
+    (docs/runtime-facts.md §2); buffers are pooled and only held while the download
     transport still references them, so memory follows the bytes in flight."""
 
     kernel_splice_min_bytes: int = 1 * MIB
@@ -159,7 +159,7 @@ class RelayConfig:
 
     tls_write_high_bytes: int = 256 * KIB
     """Write high-water mark of a TLS download. Must be > 0: ``high=0``
-    deadlocks asyncio/uvloop SSL transports (runtime-facts §3)."""
+    deadlocks asyncio/uvloop SSL transports (docs/runtime-facts.md §3)."""
 
     tls_write_low_bytes: int = 64 * KIB
 

@@ -86,7 +86,7 @@ log = logging.getLogger("fastrelay")
 
 # Answers are small; past this much unsent, the client is not reading and
 # we stop reading its requests (ANSWERING). uvloop's default low mark is 16
-# *bytes* (runtime-facts §3): always set both.
+# *bytes* (docs/runtime-facts.md §3): always set both.
 CONTROL_WRITE_HIGH = 64 * 1024
 CONTROL_WRITE_LOW = 16 * 1024
 
@@ -366,7 +366,7 @@ class HttpConnection(asyncio.BufferedProtocol):
             return
         # A waiting upload's body: keep reading a bounded part of it, since
         # only a read can show that its client died (a dead client's FIN
-        # waits behind every byte we have not read: runtime-facts §8).
+        # waits behind every byte we have not read: docs/runtime-facts.md §8).
         config = self.server.config
         grown = len(self.inbuf) - self._held
         self._held += grown
@@ -505,7 +505,7 @@ class HttpConnection(asyncio.BufferedProtocol):
         return True
 
     def _claim(self, side: Literal["PUT", "GET"], ticket: str, head: RequestHead) -> None:
-        # Checks 1-3 of PROTOCOL.md, in order; check 4 (408) is the relay's
+        # Checks 1-3 of the wire contract (README), in order; check 4 (408) is the relay's
         # pairing deadline, which ends it while we wait.
         if extract_bearer_ticket(head.header("authorization")) != ticket:
             raise Unauthorized()

@@ -2,7 +2,7 @@
 
 Every error a client can see is a `RelayError` subclass that carries its HTTP
 status and the exact response body. The bodies are byte-for-byte those of the
-Go relay we are compatible with (see PROTOCOL.md), which is why there are
+Go relay we are compatible with (README "Wire contract"), which is why there are
 three body shapes:
 
 * Go's ``http.Error`` text: ``text/plain; charset=utf-8``, ends in a newline;
@@ -119,7 +119,7 @@ class InternalError(TextError):
         super().__init__("internal server error")
 
 
-# --- ticket errors (/relay/{ticket}, checks 1-4 of PROTOCOL.md) ------------------
+# --- ticket errors (/relay/{ticket}, checks 1-4 of the wire contract) ------------------
 
 
 class Unauthorized(TextError):

@@ -7,7 +7,7 @@ pauses the upload's gate from the download's ``pause_writing`` and resumes it
 from ``resume_writing``: that coupling is the relay's whole backpressure.
 
 WARNING: never call ``pause()`` from inside ``get_buffer()``: uvloop
-segfaults when reading stops between its alloc and read (runtime-facts §2).
+segfaults when reading stops between its alloc and read (docs/runtime-facts.md §2).
 Pause from ``buffer_updated`` or another callback.
 
 `BufferPool` hands out fixed-size receive buffers. A buffer goes back to the

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-h11 parses request heads and nothing else (runtime-facts §6): its body
+h11 parses request heads and nothing else (docs/runtime-facts.md §6): its body
 decoding copies every byte, and its size limit only holds when a head arrives
 in pieces. So the protocol finds the end of the head itself with
 `find_head_end` (answering 431 when it is not within ``max_head_bytes``),
@@ -355,7 +355,7 @@ def download_head(
     A close-delimited body (``close_delimited``: only for an HTTP/1.0 client,
     which cannot read chunks) ends at our close; its failure is a reset. It
     is never used otherwise: a client cannot tell a truncated close-delimited
-    body from a complete one unless the connection is reset (runtime-facts
+    body from a complete one unless the connection is reset (docs/runtime-facts.md
     §7). Success answers do not announce ``Connection: close``: the
     connection stays open for the client's next request.
     """

@@ -5,11 +5,11 @@ Theory of operation
 For a plaintext upload of known length to a plaintext download, the bytes
 need not enter Python at all: ``splice(upload socket -> pipe)`` then
 ``splice(pipe -> download socket)`` moves pages inside the kernel. Measured
-on the 2-core box (runtime-facts §2, §4): relay CPU drops from ~0.33-0.43 to
+on the 2-core box (docs/runtime-facts.md §2, §4): relay CPU drops from ~0.33-0.43 to
 ~0.25 s/GiB; end-to-end MB/s is about the same because the clients saturate
 the cores.
 
-The hand-over from the transports (runtime-facts §4, verified on uvloop and
+The hand-over from the transports (docs/runtime-facts.md §4, verified on uvloop and
 asyncio) is strictly sequential, and `transfer.Transfer` drives it:
 
 1. the upload transport's reading is paused (from a callback, never from

@@ -2,7 +2,7 @@
 
 * TLS 1.2 minimum; TLS 1.3 preferred by OpenSSL's defaults.
 * No renegotiation (``OP_NO_RENEGOTIATION``): a renegotiating SSL_write can
-  keep a reference to our buffer after ``write()`` returns (runtime-facts §1),
+  keep a reference to our buffer after ``write()`` returns (docs/runtime-facts.md §1),
   which the splice's buffer reuse must never meet.
 * No compression (CRIME), ALPN ``http/1.1`` only: we speak nothing else.
 

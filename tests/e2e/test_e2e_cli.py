@@ -92,6 +92,29 @@ def test_secret_file_and_public_url(tmp_path: pathlib.Path) -> None:
     assert "readable by other users" in err
 
 
+def test_wildcard_host_mints_urls_from_the_host_header() -> None:
+    proc = serve("--port", "0", "--host", "0.0.0.0", env={"FASTRELAY_SHARED_SECRET": "wild"})
+    try:
+        url = ready_url(proc)
+        port = int(url.rsplit(":", 1)[1])
+        body = b'{"workspace_id":"w","source_exe_id":"s","dest_exe_id":"d"}'
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /api/exec-gateway/relay/create HTTP/1.1\r\nHost: relay.example:8443\r\n"
+                b"Authorization: Bearer wild\r\nConnection: close\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(body) + body
+            )
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        doc = json.loads(data.split(b"\r\n\r\n", 1)[1])
+        assert doc["upload_url"] == "http://relay.example:8443/relay/" + doc["ticket"]
+    finally:
+        rc, err = stop(proc)
+    assert rc == 0
+    assert "Host header" in err  # said once at start
+
+
 def test_port_in_use_is_one_line_and_exit_2() -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

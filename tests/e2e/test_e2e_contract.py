@@ -206,7 +206,13 @@ def test_download_gone_mid_stream_gives_the_source_500(relay: Relay) -> None:
         f"PUT /relay/{r.ticket} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {r.ticket}\r\nContent-Length: {size}\r\n\r\n".encode()
     )
     put_sock.sendall(b"x" * 1024 * 1024)
-    get_sock.recv(65536)
+    # Mid-stream means after body bytes reached the GET, not just its head
+    # (a reset right after the head left this flaky: bytes was 0).
+    got = b""
+    while b"\r\n\r\n" not in got or got.endswith(b"\r\n\r\n"):
+        chunk = get_sock.recv(65536)
+        assert chunk, "GET closed before any body byte"
+        got += chunk
     get_sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     get_sock.close()  # reset
     status, _, body = parse_response(read_all(put_sock))

@@ -1,6 +1,6 @@
 """The transfer through fake transports: buffer ownership and backpressure.
 
-These are the rules of runtime-facts §1 and §3 that a loopback test cannot
+These are the rules of docs/runtime-facts.md §1 and §3 that a loopback test cannot
 reliably provoke: a pinned receive buffer must never be handed out again,
 and the download's pause/resume must pause/resume the upload.
 """

@@ -19,9 +19,9 @@ from fastrelay.errors import (
 from fastrelay.heads import (
     Route,
     download_head,
-    last_chunk,
     error_response,
     find_head_end,
+    last_chunk,
     parse_head,
     route,
 )
