@@ -182,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
         "move through splice(2); 0 disables (%(default)s)",
     )
     serve.add_argument(
+        "--audit-digest",
+        action="store_true",
+        default=d.audit_digest,
+        help="compute the SHA-256 of every relayed body: logged with the outcome and "
+        'added to the PUT\'s answer as "sha256"; turns splice(2) off (%(default)s)',
+    )
+    serve.add_argument(
         "--loop",
         choices=("auto", "uvloop", "asyncio"),
         default="auto",
@@ -251,6 +258,7 @@ def config_from_args(args: argparse.Namespace, secret: str) -> RelayConfig:
             max_pending=args.max_pending,
             read_buffer_bytes=args.buffer_size,
             kernel_splice_min_bytes=args.kernel_splice_min_bytes,
+            audit_digest=args.audit_digest,
         )
     except ConfigValueError as exc:
         raise ConfigError(flag_message(exc)) from None

@@ -163,6 +163,11 @@ class RelayConfig:
 
     tls_write_low_bytes: int = 64 * KIB
 
+    audit_digest: bool = False
+    """Compute the SHA-256 of every relayed body, log it with the relay's
+    outcome and add ``"sha256"`` to the PUT's answer. Costs a hash pass over
+    every byte and turns the splice(2) fast path off (bench/README.md)."""
+
     waiting_body_bytes: int = 256 * KIB
     """Body bytes of a waiting upload read and held until it pairs. Reading
     them is what shows a killed uploader (its FIN queues behind every byte

@@ -46,6 +46,8 @@ class Finished(Protocol):
     @property
     def bytes(self) -> int: ...
     @property
+    def digest(self) -> str | None: ...
+    @property
     def session(self) -> RelaySession: ...
     @property
     def error(self) -> Exception | None: ...
@@ -125,17 +127,19 @@ def log_finished(relay: Finished) -> None:
             wait_s=round(wait_s, 6),
             transfer_s=round(transfer_s, 6),
             error=_cut(err) if err is not None else None,
+            sha256=relay.digest,
         )
         log.log(
             level,
             "relay ended id=%s outcome=%s workspace=%s source=%s dest=%s bytes=%d "
-            "wait_s=%.3f transfer_s=%.3f%s",
+            "wait_s=%.3f transfer_s=%.3f%s%s",
             fields["id"],
             session.outcome.value,
             *_ids(relay),
             relay.bytes,
             wait_s,
             transfer_s,
+            f" sha256={relay.digest}" if relay.digest is not None else "",
             f" error={safe(err, _LOG_LIMIT)}" if err is not None else "",
             extra={"event": "relay_ended", "fields": fields},
         )

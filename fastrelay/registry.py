@@ -80,6 +80,7 @@ class Relay:
         "bytes",
         "deadline",
         "dest_exe_id",
+        "digest",
         "error",
         "expires_at",
         "get_party",
@@ -112,6 +113,8 @@ class Relay:
         self.expires_at = registry.wall_clock() + datetime.timedelta(seconds=ttl_s)
         self.session = RelaySession(now)
         self.bytes = 0
+        self.digest: str | None = None
+        """Hex SHA-256 of the bytes handed to the destination (--audit-digest)."""
         """Payload bytes handed to the destination."""
         self.error: RelayError | None = None
         self.put_party: WaitingEnd | None = None

@@ -49,6 +49,7 @@ short body for a whole one.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from typing import TYPE_CHECKING, Protocol
 
@@ -106,6 +107,7 @@ class Transfer:
         "_draining_tail",
         "_finished",
         "_framer",
+        "_hasher",
         "_kernel",
         "_kernel_pending",
         "_last_progress",
@@ -163,10 +165,14 @@ class Transfer:
         self.pins_buffers = self.down_transport.get_extra_info("sslcontext") is None
         up_plain = self.up_transport.get_extra_info("sslcontext") is None
         self._kernel: KernelPipe | None = None
+        # --audit-digest: every payload run is hashed on its way out, so the
+        # bytes must pass through Python (no splice(2)).
+        self._hasher = hashlib.sha256() if config.audit_digest else None
         remaining = self._framer.remaining
         # splice(2) needs plain sockets on both ends and a known length.
         self._kernel_pending = (
             KERNEL_SPLICE_AVAILABLE
+            and self._hasher is None
             and config.kernel_splice_min_bytes > 0
             and self.pins_buffers
             and up_plain
@@ -311,6 +317,10 @@ class Transfer:
         """One write (or one outgoing chunk) for all payload runs of one read."""
         if not total:
             return
+        hasher = self._hasher
+        if hasher is not None:
+            for start, end in runs:
+                hasher.update(view[start:end])
         if len(runs) == 1 and not self._reframe:
             start, end = runs[0]
             self.down_transport.write(view[start:end])
@@ -399,9 +409,12 @@ class Transfer:
 
     def _succeed(self) -> None:
         self._end()
+        answer: dict[str, object] = {"bytes": self.forwarded, "status": "ok"}
+        if self._hasher is not None:
+            answer["sha256"] = self.relay.digest = self._hasher.hexdigest()
         self.relay.finish(Input.UPLOAD_COMPLETE, None)
         self.down.transfer_ended(None, True)
-        body = json.dumps({"bytes": self.forwarded, "status": "ok"}, separators=(",", ":"))
+        body = json.dumps(answer, separators=(",", ":"))
         self.up.transfer_ended(
             simple_response(200, "application/json", body.encode(), close=True), True
         )

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import pathlib
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 
+import pytest
 from conftest import Relay
 
 import fastrelay
@@ -289,3 +292,32 @@ def test_zero_byte_upload(any_relay: Relay, tmp_path: pathlib.Path) -> None:
     put = relay.curl("-f", "-H", AUTH.format(r.ticket), "-T", str(empty), relay.url(r.ticket))
     assert put.stdout == b'{"bytes":0,"status":"ok"}'
     assert finish(get)[0] == 0 and out.read_bytes() == b""
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_audit_digest_is_in_the_put_answer_and_the_log(
+    relay_factory: Callable[..., Relay],
+    payload_file: pathlib.Path,
+    chunked: bool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    relay = relay_factory(audit_digest=True)
+    r = relay.create()
+    data = payload_file.read_bytes()
+    get = waiting_get(relay, r)
+    with caplog.at_level(logging.INFO, logger="fastrelay"):
+        put = relay.curl(
+            "-H",
+            AUTH.format(r.ticket),
+            "-T",
+            "-" if chunked else str(payload_file),
+            relay.url(r.ticket),
+            input=data if chunked else None,
+        )
+        rc, got, _ = finish(get)
+        relay.wait_done(r)
+    want = hashlib.sha256(data).hexdigest()
+    assert rc == 0 and got == data
+    assert json.loads(put.stdout) == {"bytes": len(data), "status": "ok", "sha256": want}
+    ended = [rec.getMessage() for rec in caplog.records if "relay ended" in rec.getMessage()]
+    assert ended and f"sha256={want}" in ended[-1]
