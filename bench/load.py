@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import pathlib
 import platform
+import resource
 import socket
 import ssl
 import statistics
@@ -36,7 +37,16 @@ import trustme
 import uvloop
 
 from . import servers
-from .clients import Endpoint, get_head, mint, put_head, random_file, read_response, send_file
+from .clients import (
+    Endpoint,
+    Received,
+    get_head,
+    mint,
+    put_head,
+    random_file,
+    read_response,
+    send_file,
+)
 
 MIB = 1024 * 1024
 
@@ -227,7 +237,9 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
     return head, await reader.read()
 
 
-async def _small_relays(server: servers.Server, pairs: int, concurrency: int) -> float:
+async def _small_relays(
+    server: servers.Server, pairs: int, concurrency: int, fresh_mint: bool = False
+) -> float:
     payload = os.urandom(4096)
     ep = server.endpoint
     is_fastrelay = server.name.startswith("fastrelay")
@@ -238,14 +250,25 @@ async def _small_relays(server: servers.Server, pairs: int, concurrency: int) ->
         f"POST /api/exec-gateway/relay/create HTTP/1.1\r\nHost: bench\r\n"
         f"Authorization: Bearer {servers.SECRET}\r\nContent-Length: {len(mint_body)}\r\n\r\n"
     ).encode() + mint_body
+    fresh_req = mint_req.replace(b"Host: bench\r\n", b"Host: bench\r\nConnection: close\r\n", 1)
     queue = iter(range(pairs))
 
     async def worker() -> None:
-        mint_conn = await asyncio.open_connection(ep.host, ep.port) if is_fastrelay else None
+        mint_conn = (
+            await asyncio.open_connection(ep.host, ep.port)
+            if is_fastrelay and not fresh_mint
+            else None
+        )
         for _ in queue:
-            if mint_conn is not None:
-                mint_conn[1].write(mint_req)
-                _, body = await _read_response(mint_conn[0])
+            if is_fastrelay:
+                if mint_conn is not None:
+                    mint_conn[1].write(mint_req)
+                    _, body = await _read_response(mint_conn[0])
+                else:  # a new connection per mint, closed after the answer
+                    mr, mw = await asyncio.open_connection(ep.host, ep.port)
+                    mw.write(fresh_req)
+                    _, body = await _read_response(mr)
+                    mw.close()
                 ticket: str | None = json.loads(body)["ticket"]
                 path = f"/relay/{ticket}"
             else:
@@ -317,6 +340,344 @@ def slow_reader(env: Env) -> tuple[float, float]:
         return rss.start / MIB, rss.peak / MIB
 
 
+# --- scenarios for the "faster than Go" targets ---------------------------------------
+
+
+def stream_pairs(
+    server: servers.Server, path: str, size: int, sha: str, n: int, verify: bool
+) -> float:
+    """``n`` concurrent transfers of the file through ``server``; seconds for all.
+
+    Two forked processes (all senders, all receivers), ``n`` threads each:
+    sendfile / recv_into / SSL read-write release the GIL, and 2 processes
+    stay lighter on 2 cores than 2n. Raises on any short or corrupted body.
+    """
+    routes = [relay_path(server) for _ in range(n)]
+    ep = server.endpoint
+    ctx = multiprocessing.get_context("fork")
+    results: Any = ctx.Queue()
+
+    def side(kind: str) -> None:
+        out: list[Any] = [None] * n
+
+        def one(i: int) -> None:
+            url, ticket = routes[i]
+            try:
+                with ep.connect() as sock:
+                    if kind == "get":
+                        sock.sendall(get_head(url, ticket))
+                        out[i] = read_response(sock, verify=verify)
+                    else:
+                        sock.sendall(put_head(url, ticket, size))
+                        send_file(sock, path, chunked=False)
+                        out[i] = read_response(sock, verify=False)
+            except OSError as exc:
+                out[i] = repr(exc)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        results.put((kind, out))
+
+    t0 = time.perf_counter()
+    procs = [ctx.Process(target=side, args=(k,)) for k in ("get", "put")]
+    for proc in procs:
+        proc.start()
+    got = dict(results.get(timeout=900) for _ in procs)
+    elapsed = time.perf_counter() - t0
+    for proc in procs:
+        proc.join(30)
+    results.close()
+    results.join_thread()
+    for i, rec in enumerate(got["get"]):
+        if not isinstance(rec, Received) or rec.status != 200 or rec.body_bytes != size:
+            raise IntegrityError(f"{server.name}: stream {i}/{n} bad transfer {rec}")
+        if verify and rec.sha256 != sha:
+            raise IntegrityError(f"{server.name}: stream {i}/{n} sha256 mismatch")
+    return elapsed
+
+
+def direct_streams(path: str, size: int, sha: str, n: int, verify: bool) -> float:
+    """The floor for ``n`` streams: ``n`` direct loopback connections, no relay."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(n)
+        port = listener.getsockname()[1]
+        got: list[tuple[int, str]] = []
+        lock = threading.Lock()
+
+        def receive() -> None:
+            conn, _ = listener.accept()
+            buf = bytearray(1 << 20)
+            view = memoryview(buf)
+            digest = hashlib.sha256()
+            total = 0
+            with conn:
+                while k := conn.recv_into(buf):
+                    if verify:
+                        digest.update(view[:k])
+                    total += k
+            with lock:
+                got.append((total, digest.hexdigest()))
+
+        def send() -> None:
+            with socket.create_connection(("127.0.0.1", port)) as s, open(path, "rb") as f:
+                s.sendfile(f)
+
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=receive) for _ in range(n)]
+        threads += [threading.Thread(target=send) for _ in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - t0
+    if len(got) != n or any(t != size or (verify and h != sha) for t, h in got):
+        raise IntegrityError("direct streams corrupted")
+    return elapsed
+
+
+def streams(env: Env, tls: bool) -> Row:
+    """``--streams`` concurrent transfers of ``--stream-size`` bytes."""
+    a = env.args
+    n, size = a.streams, a.stream_size
+    path = str(env.workdir / f"payload-{size}.bin")
+    sha = random_file(path, size)
+    gib = n * size / 2**30
+    cert = env.cert if tls else None
+    ctx = env.client_ssl if tls else None
+    run_ = lambda srv: lambda v: stream_pairs(srv, path, size, sha, n, v)  # noqa: E731
+    with servers.fastrelay(cert, ctx, a.loop, a.server_arg) as fr:
+        t, cpu = measure(fr, a.rounds, run_(fr))
+    baselines: dict[str, float | None] = {}
+    note = ""
+    name = "piping-server https" if tls else "piping-server"
+    baselines[name] = None
+    if not a.no_piping:
+        with servers.piping_server(cert, ctx) as pp:
+            if pp is not None:
+                tp, cpup = measure(pp, a.rounds, run_(pp))
+                baselines[name] = mbps(n * size, tp)
+                note = f"piping-server CPU {cpup / gib:.2f} s/GiB"
+    if not tls:
+        direct_streams(path, size, sha, n, verify=True)
+        td = statistics.median(direct_streams(path, size, sha, n, False) for _ in range(a.rounds))
+        baselines["direct loopback"] = mbps(n * size, td)
+    return Row(
+        f"{n} streams x {size // MIB} MiB at once, {'TLS (trustme cert, verified)' if tls else 'plain'}",
+        "MB/s",
+        mbps(n * size, t),
+        baselines,
+        cpu / gib,
+        note=note,
+    )
+
+
+def small_fresh(env: Env) -> Row:
+    """4 KiB relays, ``--concurrency`` at a time, mint + PUT + GET each on a NEW
+    connection (as a gateway makes them): server CPU ms per relay."""
+    a = env.args
+    pairs = a.fresh_pairs
+    with servers.fastrelay(None, None, a.loop, a.server_arg) as fr:
+        c0 = fr.cpu_s()
+        rate = float(uvloop.run(_small_relays(fr, pairs, a.concurrency, fresh_mint=True)))
+        cpu_ms = (fr.cpu_s() - c0) * 1000 / pairs
+    pp_ms = pp_rate = None
+    if not a.no_piping:
+        with servers.piping_server(None, None) as pp:
+            if pp is not None:
+                c0 = pp.cpu_s()
+                pp_rate = float(uvloop.run(_small_relays(pp, pairs, a.concurrency)))
+                pp_ms = (pp.cpu_s() - c0) * 1000 / pairs
+    return Row(
+        f"4 KiB relays x{pairs}, {a.concurrency} at a time, mint/PUT/GET each on a new connection",
+        "ms CPU/relay",
+        cpu_ms,
+        {"piping-server (no mint)": pp_ms},
+        note=f"{rate:.0f} relays/s"
+        + (f" (piping-server {pp_rate:.0f}/s)" if pp_rate else "")
+        + "; ratio = fastrelay CPU / piping-server CPU, lower is better",
+    )
+
+
+def raise_nofile(need: int) -> int:
+    """Raise this process's soft RLIMIT_NOFILE to the hard limit, and the hard
+    limit itself to ``need`` when allowed (root); children inherit it.
+    Returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < need:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need, need))
+            return need
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+async def _metrics(ep: Endpoint) -> dict[str, float]:
+    r, w = await asyncio.open_connection(ep.host, ep.port)
+    w.write(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+    _, body = await _read_response(r)
+    w.close()
+    out: dict[str, float] = {}
+    for line in body.decode().splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            k, _, v = line.rpartition(" ")
+            with contextlib.suppress(ValueError):
+                out[k] = float(v)  # values print as floats: "10000.0"
+    return out
+
+
+@dataclasses.dataclass
+class Waiting:
+    rss_idle: int
+    rss_waiting: int
+    seconds_to_wait: float
+    seconds_total: float
+    put_concurrency: int
+    cpu_s: float
+
+
+async def _waiting(server: servers.Server, n: int, body: int, fd_soft: int) -> Waiting:
+    ep = server.endpoint
+    is_fr = server.name.startswith("fastrelay")
+    connecting = asyncio.Semaphore(256)  # the server's listen backlog is 1024
+    rss_idle = server.rss()
+    c0 = server.cpu_s()
+    t0 = time.perf_counter()
+    if is_fr:
+        mint_body = json.dumps(
+            {"workspace_id": "bench", "source_exe_id": "s", "dest_exe_id": "d"}
+        ).encode()
+        mint_req = (
+            f"POST /api/exec-gateway/relay/create HTTP/1.1\r\nHost: bench\r\n"
+            f"Authorization: Bearer {servers.SECRET}\r\nContent-Length: {len(mint_body)}\r\n\r\n"
+        ).encode() + mint_body
+        r, w = await asyncio.open_connection(ep.host, ep.port)  # one keep-alive connection
+        tickets: list[str | None] = []
+        for start in range(0, n, 500):  # batches of 500 requests, pipelined
+            k = min(500, n - start)
+            w.write(mint_req * k)
+            for _ in range(k):
+                head, answer = await _read_response(r)
+                if not head.startswith(b"HTTP/1.1 20"):
+                    raise IntegrityError(f"mint failed: {head[:60]!r} {answer[:200]!r}")
+                tickets.append(json.loads(answer)["ticket"])
+        w.close()
+        paths = [f"/relay/{t}" for t in tickets]
+    else:
+        tickets = [None] * n
+        paths = [f"/bench-{uuid.uuid4().hex}" for _ in range(n)]
+    payloads = [os.urandom(body) for _ in range(n)]
+    ready = [0]
+
+    async def get(i: int) -> None:
+        async with connecting:
+            r, w = await asyncio.open_connection(ep.host, ep.port)
+            w.write(get_head(paths[i], tickets[i]))
+            await w.drain()
+        ready[0] += 1
+        data = await r.read()
+        w.close()
+        head, _, got = data.partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200") or got != payloads[i]:
+            raise IntegrityError(
+                f"{server.name}: waiting relay {i} got {head[:40]!r} + {len(got)} bytes"
+            )
+
+    fds0 = server.process.num_fds()
+    gets = [asyncio.ensure_future(get(i)) for i in range(n)]
+    # all GETs parked: every head written, the server holds n connections
+    # and (fastrelay) /metrics says n waiting relays
+    deadline = time.monotonic() + 300
+    while True:
+        await asyncio.sleep(0.2)
+        for g in gets:
+            if g.done() and g.exception():
+                raise g.exception()  # type: ignore[misc]
+        if ready[0] == n:
+            if is_fr:
+                m = await _metrics(ep)
+                if m.get("fastrelay_waiting_relays") == n and m.get("fastrelay_connections", 0) > n:
+                    break
+            elif server.process.num_fds() >= fds0 + n:
+                break
+        if time.monotonic() > deadline:
+            raise IntegrityError(f"{server.name}: GETs never all waited ({ready[0]}/{n})")
+    await asyncio.sleep(1.0)  # let the last heads be parsed and parked
+    rss_waiting = server.rss()
+    t_wait = time.perf_counter() - t0
+    # n more sockets; keep within this process's open-file limit (20,000 at once if it allows)
+    put_conc = max(1, min(n, fd_soft - n - 200))
+    putting = asyncio.Semaphore(put_conc)
+
+    async def put(i: int) -> None:
+        async with putting:
+            async with connecting:
+                r, w = await asyncio.open_connection(ep.host, ep.port)
+            w.write(put_head(paths[i], tickets[i], body) + payloads[i])
+            data = await r.read()
+            w.close()
+            if not data.startswith(b"HTTP/1.1 2"):
+                raise IntegrityError(f"{server.name}: PUT {i} answered {data[:60]!r}")
+
+    await asyncio.gather(*(put(i) for i in range(n)), *gets)
+    return Waiting(
+        rss_idle, rss_waiting, t_wait, time.perf_counter() - t0, put_conc, server.cpu_s() - c0
+    )
+
+
+def waiting(env: Env) -> Row:
+    """``--waiting`` relays whose GETs all wait at once, then all their PUTs."""
+    a = env.args
+    n = a.waiting
+    soft = raise_nofile(2 * n + 1024)
+    extra = [
+        "--max-connections",
+        str(2 * n + 10000),
+        "--max-pending",
+        str(2 * n),
+        "--max-per-workspace",
+        str(2 * n),
+        *a.server_arg,
+    ]
+
+    def one(srv: servers.Server) -> tuple[Waiting, float]:
+        with servers.PeakRSS(srv) as rss:
+            w = uvloop.run(_waiting(srv, n, a.waiting_body, soft))
+        return w, rss.peak / MIB
+
+    with servers.fastrelay(None, None, a.loop, extra) as fr:
+        w, peak = one(fr)
+    note = (
+        f"RSS idle {w.rss_idle / MIB:.1f} MiB, {w.rss_waiting / MIB:.1f} MiB with {n} waiting "
+        f"= {(w.rss_waiting - w.rss_idle) / n / 1024:.1f} KiB/waiting relay; "
+        f"{2 * n if w.put_concurrency >= n else n + w.put_concurrency} connections at most "
+        f"(PUTs {w.put_concurrency} at a time); all {n} intact; {w.seconds_total:.1f} s, "
+        f"CPU {w.cpu_s * 1000 / n:.2f} ms/relay"
+    )
+    base: float | None = None
+    if not a.no_piping:
+        with servers.piping_server(None, None) as pp:
+            if pp is not None:
+                wp, base = one(pp)
+                note += (
+                    f"; piping-server {wp.rss_waiting / MIB:.1f} MiB with {n} waiting, "
+                    f"CPU {wp.cpu_s * 1000 / n:.2f} ms/relay"
+                )
+    return Row(
+        f"{n} relays waiting at once ({a.waiting_body} B bodies), then all PUTs",
+        "MiB peak RSS",
+        peak,
+        {"piping-server peak RSS (no mint)": base},
+        peak_rss_mib=peak,
+        note=note,
+    )
+
+
 # --- driver -------------------------------------------------------------------------
 
 
@@ -331,6 +692,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--slow-size", type=int, help="bytes for the slow reader (128 MiB; quick 16 MiB)"
     )
+    p.add_argument("--streams", type=int, help="concurrent transfers in `streams` (16; quick 4)")
+    p.add_argument(
+        "--stream-size", type=int, help="bytes per transfer in `streams` (64 MiB; quick 8 MiB)"
+    )
+    p.add_argument("--fresh-pairs", type=int, help="relays in `small_fresh` (3000; quick 100)")
+    p.add_argument(
+        "--waiting", type=int, help="relays waiting at once in `waiting_10k` (10000; quick 500)"
+    )
+    p.add_argument(
+        "--waiting-body", type=int, default=1024, help="bytes per relay in `waiting_10k`"
+    )
     p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     p.add_argument(
         "--server-arg",
@@ -339,7 +711,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="extra argument for `fastrelay serve` (repeatable), e.g. --server-arg=--buffer-size=1048576",
     )
     p.add_argument("--no-piping", action="store_true", help="skip the piping-server baseline")
-    p.add_argument("--only", help="comma-separated scenario names to run")
+    p.add_argument(
+        "--only",
+        help="comma-separated scenario names to run: plain, tls, chunked, small, inflight, "
+        "slow, streams, small_fresh, waiting_10k",
+    )
     p.add_argument("--json", default="bench/results/latest.json", help="where to write results")
     a = p.parse_args(argv)
     q = a.quick
@@ -348,6 +724,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.pairs = a.pairs or (300 if q else 3000)
     a.inflight = a.inflight or (100 if q else 1000)
     a.slow_size = a.slow_size or (16 * MIB if q else 128 * MIB)
+    a.streams = a.streams or (4 if q else 16)
+    a.stream_size = a.stream_size or (8 * MIB if q else 64 * MIB)
+    a.fresh_pairs = a.fresh_pairs or (100 if q else 3000)
+    a.waiting = a.waiting or (500 if q else 10000)
     return a
 
 
@@ -464,6 +844,13 @@ def run(argv: list[str] | None = None) -> list[Row]:
                     note=f"RSS start {start:.1f} MiB",
                 )
             )
+        if want("streams"):
+            rows.append(streams(env, tls=False))
+            rows.append(streams(env, tls=True))
+        if want("small_fresh"):
+            rows.append(small_fresh(env))
+        if want("waiting_10k"):
+            rows.append(waiting(env))
     report(rows, args)
     return rows
 
@@ -473,13 +860,19 @@ def report(rows: list[Row], args: argparse.Namespace) -> None:
         "| scenario | fastrelay | baselines | ratio | relay CPU s/GiB | peak RSS MiB | note |",
         "|---|---|---|---|---|---|---|",
     ]
+
+    def num(v: float) -> str:
+        return f"{v:.2f}" if abs(v) < 10 else f"{v:.0f}"
+
     for r in rows:
-        base = ", ".join(f"{k} {v:.0f}" if v else f"{k} n/a" for k, v in r.baselines.items()) or "-"
+        base = (
+            ", ".join(f"{k} {num(v)}" if v else f"{k} n/a" for k, v in r.baselines.items()) or "-"
+        )
         ratio = ", ".join(f"{v:.2f}x {k}" for k, v in r.ratios().items() if v) or "-"
         cpu = f"{r.cpu_s_per_gib:.2f}" if r.cpu_s_per_gib is not None else "-"
         rss = f"{r.peak_rss_mib:.0f}" if r.peak_rss_mib is not None else "-"
         lines.append(
-            f"| {r.scenario} | {r.fastrelay:.1f} {r.unit} | {base} | {ratio} | {cpu} | {rss} | {r.note} |"
+            f"| {r.scenario} | {num(r.fastrelay)} {r.unit} | {base} | {ratio} | {cpu} | {rss} | {r.note} |"
         )
     print("\n".join(lines))
     machine = f"{platform.machine()}, {psutil.cpu_count()} CPUs, {psutil.virtual_memory().total // 2**30} GiB, Python {platform.python_version()}, loop {args.loop}"

@@ -44,6 +44,7 @@ class FakeRelay:
     bytes: int = 1000
     session: FakeSession = dataclasses.field(default_factory=FakeSession)
     error: Exception | None = None
+    digest: str | None = None
 
 
 @pytest.fixture

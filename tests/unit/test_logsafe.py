@@ -73,6 +73,7 @@ class FakeRelay:
     bytes: int
     session: RelaySession
     error: Exception | None
+    digest: str | None = None
 
 
 def finished_relay() -> FakeRelay:
