@@ -221,8 +221,11 @@ class HttpConnection(asyncio.BufferedProtocol):
     def eof_received(self) -> bool | None:
         self._eof_seen = True
         self._dispatch(Event.EOF)
-        # Keep the transport half-open while a transfer still writes to it.
-        return True if self.phase in (Phase.DOWNLOADING, Phase.UPLOADING) else None
+        # Keep the transport half-open while a transfer still writes to it
+        # (TLS transports cannot half-close, and warn if asked to).
+        if self.phase in (Phase.DOWNLOADING, Phase.UPLOADING):
+            return self.transport.get_extra_info("sslcontext") is None or None
+        return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost_exc = exc
