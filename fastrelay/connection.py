@@ -142,6 +142,7 @@ class ConnectionHost(Protocol):
 class HttpConnection(asyncio.BufferedProtocol):
     __slots__ = (
         "_deadline",
+        "_ended",
         "_eof_seen",
         "_held",
         "_mint_body",
@@ -174,6 +175,7 @@ class HttpConnection(asyncio.BufferedProtocol):
         self._mint_framer: BodyFramer | None = None
         self._mint_body = bytearray()
         self._pending_error: RelayError | None = None
+        self._ended: tuple[bytes | None, bool] = (None, False)  # what transfer_ended said
         self._deadline: Deadline | None = None
         self._held = 0  # bytes of a waiting upload counted by the server
         self._eof_seen = False
@@ -257,17 +259,15 @@ class HttpConnection(asyncio.BufferedProtocol):
 
     def transfer_ended(self, answer: bytes | None, ok: bool) -> None:
         """`transfer.TransferEnd`: the transfer is over."""
-        self._dispatch(Event.PARTNER_GONE, answer, ok)
+        self._ended = (answer, ok)
+        self._dispatch(Event.PARTNER_GONE)
 
     # --- the dispatcher ------------------------------------------------------------
 
-    def _dispatch(self, event: Event, answer: bytes | None = None, ok: bool = False) -> None:
-        step = LIFECYCLE[(self.phase, event)]
+    def _dispatch(self, event: Event) -> None:
+        handler = LIFECYCLE[(self.phase, event)].handler
         try:
-            if event is Event.PARTNER_GONE and step.handler in ("answer_upload", "end_download"):
-                getattr(self, step.handler)(answer, ok)
-            else:
-                getattr(self, step.handler)()
+            getattr(self, handler)()
         except Exception as exc:  # a bug: answer it, log one line, keep serving
             self._internal_error(exc)
 
@@ -370,11 +370,10 @@ class HttpConnection(asyncio.BufferedProtocol):
         # A waiting upload's body: keep reading a bounded part of it, since
         # only a read can show that its client died (a dead client's FIN
         # waits behind every byte we have not read: docs/runtime-facts.md §8).
-        config = self.server.config
         grown = len(self.inbuf) - self._held
-        self._held += grown
+        self._held = len(self.inbuf)
         fits = self.server.hold_waiting_bytes(grown)
-        if not fits or self._held >= config.waiting_body_bytes:
+        if not fits or self._held >= self.server.config.waiting_body_bytes:
             self.gate.pause()
 
     def leave_relay(self) -> None:
@@ -399,8 +398,7 @@ class HttpConnection(asyncio.BufferedProtocol):
         self._refuse(err)
 
     def join_transfer(self) -> None:
-        transfer = self.transfer
-        assert transfer is not None
+        assert self.transfer is not None
         self.relay = None
         if self._side == "PUT":
             self._release_held()
@@ -442,8 +440,9 @@ class HttpConnection(asyncio.BufferedProtocol):
         assert self.transfer is not None
         self.transfer.shut_down()
 
-    def answer_upload(self, answer: bytes | None, ok: bool) -> None:
+    def answer_upload(self) -> None:
         """The transfer is over: the source reads its answer; we close."""
+        answer, ok = self._ended
         self.transfer = None
         if self.transport.is_closing():
             self.phase = Phase.CLOSED
@@ -452,8 +451,9 @@ class HttpConnection(asyncio.BufferedProtocol):
         self.transport.write(answer)
         self._close_after_answer(body_read=ok)
 
-    def end_download(self, answer: bytes | None, ok: bool) -> None:
+    def end_download(self) -> None:
         """Where a failure becomes visible to the receiver: a reset."""
+        _, ok = self._ended
         self.transfer = None
         if not ok:
             self._reset()

@@ -116,7 +116,6 @@ class Transfer:
         "_timer",
         "down",
         "down_transport",
-        "forwarded",
         "idle_timeout_s",
         "pins_buffers",
         "pool",
@@ -154,7 +153,6 @@ class Transfer:
         # an HTTP/1.0 client cannot read chunks, so it gets a close-delimited
         # body whose failure is a reset (RFC 9112 §6.3 rule 8).
         self._reframe = up_head.chunked and not download_http10
-        self.forwarded = 0
         self._buf: memoryview | None = None
         self._pinned: list[memoryview] = []
         self._finished = False
@@ -185,6 +183,11 @@ class Transfer:
             self.down_transport.set_write_buffer_limits(
                 high=config.tls_write_high_bytes, low=config.tls_write_low_bytes
             )
+
+    @property
+    def forwarded(self) -> int:
+        """Payload bytes handed to the download transport so far."""
+        return self._framer.payload
 
     def start(self, body_prefix: bytes) -> None:
         """Send the download's head and whatever body arrived while the PUT waited."""
@@ -241,7 +244,6 @@ class Transfer:
     def _kernel_progress(self, nbytes: int) -> None:
         self._last_progress = self._timer.clock()
         self._framer.skip_known_length(nbytes)
-        self.forwarded = self._framer.payload
 
     def _kernel_src_error(self, exc: OSError | None) -> None:
         if exc is None:
@@ -295,13 +297,13 @@ class Transfer:
         if self._finished or self._draining_tail:
             return  # the body is complete: later bytes are not ours
         framer = self._framer
+        before = framer.payload
         try:
             runs, _ = framer.feed(view)
         except ChunkError as exc:
             self._fail(Input.UPLOAD_ABORTED, UploadAborted(f"relay: {exc}", self.forwarded))
             return
-        self._write_payload(view, runs, framer.payload - self.forwarded)
-        self.forwarded = framer.payload
+        self._write_payload(view, runs, framer.payload - before)
         if framer.over_limit:
             # Exactly max_bytes went out; never one byte more.
             self._fail(
