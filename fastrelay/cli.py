@@ -36,9 +36,11 @@ from .config import MAX_DURATION_S, ConfigValueError, RelayConfig, format_number
 from .logformat import JsonFormatter
 from .logsafe import safe
 from .server import RelayServer
+from .signed_tickets import KeyFileError
 from .tls import CertificateError, server_ssl_context
 
 SECRET_ENV = "FASTRELAY_SHARED_SECRET"
+REDIS_URL_ENV = "FASTRELAY_REDIS_URL"
 DESCRIPTION = (
     "fastrelay is a one-use-ticket HTTP byte relay: an orchestrator mints a ticket, "
     "the source PUTs and the destination GETs, and the bytes stream from one socket "
@@ -68,6 +70,11 @@ FLAGS = {
     "max_pending": "--max-pending",
     "read_buffer_bytes": "--buffer-size",
     "kernel_splice_min_bytes": "--kernel-splice-min-bytes",
+    "ticket_key_file": "--ticket-key-file",
+    "redis_url": "--redis-url",
+    "node_id": "--node-id",
+    "cluster_lease_s": "--cluster-lease",
+    "redis_timeout_s": "--redis-timeout",
 }
 _FIELD_NAME = re.compile(r"\b(" + "|".join(FLAGS) + r")\b")
 _ARGUMENT = re.compile(r"^argument (\S+): (must .*)$", re.DOTALL)
@@ -188,6 +195,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="compute the SHA-256 of every relayed body: logged with the outcome and "
         'added to the PUT\'s answer as "sha256"; turns splice(2) off (%(default)s)',
     )
+    cluster = serve.add_argument_group(
+        "cluster", "several nodes behind one load balancer (docs/cluster.md)"
+    )
+    cluster.add_argument(
+        "--ticket-key-file",
+        help="file of ticket keys, one per line: mint signed tickets with the first, serve "
+        "signed tickets minted by any node holding one of them; SIGHUP reloads it "
+        "(default: none, random tickets served only by the node that minted them)",
+    )
+    cluster.add_argument(
+        "--redis-url",
+        help=f"count caps and spent tickets for every node sharing this Redis, "
+        f"redis://host:port/db (default: ${REDIS_URL_ENV}, else none: limits per node)",
+    )
+    cluster.add_argument(
+        "--node-id",
+        help="this node's name in Redis (default: hostname:port)",
+    )
+    cluster.add_argument(
+        "--cluster-lease",
+        type=_number,
+        default=d.cluster_lease_s,
+        help="a dead node's claims in Redis free themselves this long after its last "
+        "heartbeat, s (%(default)s)",
+    )
+    cluster.add_argument(
+        "--redis-timeout",
+        type=_number,
+        default=d.redis_timeout_s,
+        help="longest wait for Redis on a mint or a first arrival before 503, s (%(default)s)",
+    )
     serve.add_argument(
         "--loop",
         choices=("auto", "uvloop", "asyncio"),
@@ -259,6 +297,11 @@ def config_from_args(args: argparse.Namespace, secret: str) -> RelayConfig:
             read_buffer_bytes=args.buffer_size,
             kernel_splice_min_bytes=args.kernel_splice_min_bytes,
             audit_digest=args.audit_digest,
+            ticket_key_file=args.ticket_key_file,
+            redis_url=args.redis_url or os.environ.get(REDIS_URL_ENV) or None,
+            node_id=args.node_id,
+            cluster_lease_s=args.cluster_lease,
+            redis_timeout_s=args.redis_timeout,
         )
     except ConfigValueError as exc:
         raise ConfigError(flag_message(exc)) from None
@@ -342,7 +385,10 @@ def make_ssl(config: RelayConfig) -> ssl.SSLContext | None:
 async def serve(
     config: RelayConfig, ssl_ctx: ssl.SSLContext | None, drain_timeout_s: float
 ) -> None:
-    server = RelayServer(config, ssl=ssl_ctx)
+    try:
+        server = RelayServer(config, ssl=ssl_ctx)
+    except KeyFileError as exc:
+        raise ConfigError(f"--ticket-key-file {exc}") from None
     try:
         await server.start()
     except OSError as exc:
@@ -362,7 +408,7 @@ async def serve(
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
-    loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
     if config.wildcard_host and not config.public_url:
         # No single address of ours is the public one: a mint answer points
         # at the address its minter used (its Host header).

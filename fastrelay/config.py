@@ -17,6 +17,9 @@ _HOST_HEADER = re.compile(
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?"
 )
 
+_REDIS_URL = re.compile(r"(?:redis|rediss|unix)://", re.IGNORECASE)
+_NODE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
 KIB = 1024
 MIB = 1024 * KIB
 
@@ -35,6 +38,8 @@ _DURATIONS = (
     "idle_timeout_s",
     "header_timeout_s",
     "linger_s",
+    "cluster_lease_s",
+    "redis_timeout_s",
 )
 
 
@@ -184,6 +189,28 @@ class RelayConfig:
     keep reading and discarding for up to this long before closing, so the
     client reads our answer instead of a reset."""
 
+    ticket_key_file: str | None = None
+    """File of ticket keys, one per line (docs/cluster.md): mint signs tickets
+    with the first, and signed tickets from any node holding one of them are
+    served here. None: random tickets, served only by the node that minted them."""
+
+    redis_url: str | None = None
+    """Count workspace and pending caps, and spent tickets, across every node
+    sharing this Redis (``redis://host:port/db``). None: each node counts alone."""
+
+    node_id: str | None = None
+    """This node's name in the shared ledger (who serves a ticket). None:
+    ``<hostname>:<port>``."""
+
+    cluster_lease_s: float = 15.0
+    """How long a node's claims in Redis outlive its last heartbeat (sent
+    every third of this): a dead node's running slots and tickets free
+    themselves this long after it died."""
+
+    redis_timeout_s: float = 1.0
+    """Longest wait for Redis on a mint or a first arrival; past it the
+    request answers 503 "cluster state unavailable"."""
+
     def __post_init__(self) -> None:
         _check_int(self, "port", 0, 65535, "must be a whole number 0-65535")
         if (self.certfile is None) != (self.keyfile is None):
@@ -218,6 +245,19 @@ class RelayConfig:
         )
         if self.shared_secret is not None and not self.shared_secret:
             raise ConfigValueError("shared_secret", "must not be empty")  # never echo secrets
+        if self.redis_url is not None and not _REDIS_URL.match(self.redis_url):
+            # Only the scheme is shown: the URL may carry a password.
+            raise ConfigValueError("redis_url", "must start with redis://, rediss:// or unix://")
+        if self.node_id is not None and not _NODE_ID.fullmatch(self.node_id):
+            raise ConfigValueError(
+                "node_id", "must be 1-64 characters of A-Z a-z 0-9 . _ : -", repr(self.node_id)
+            )
+        if self.redis_timeout_s >= self.cluster_lease_s / 3:
+            raise ConfigValueError(
+                "redis_timeout_s",
+                "must be less than a third of cluster_lease_s (the heartbeat interval)",
+                format_number(self.redis_timeout_s),
+            )
 
     @property
     def tls(self) -> bool:

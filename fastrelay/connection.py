@@ -47,7 +47,8 @@ import contextlib
 import logging
 import socket
 import struct
-from typing import TYPE_CHECKING, Literal, Protocol, cast
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 from . import logsafe
 from .chunked import ChunkError
@@ -59,7 +60,6 @@ from .errors import (
     MintBodyTooLarge,
     RelayError,
     RequestTimeout,
-    TicketNotFound,
     Unauthorized,
 )
 from .flow import BufferPool, ReadGate
@@ -106,6 +106,10 @@ _RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 _TLS_POISON_RECORD = b"\x15\x03\x03\x00\x02\x02\x28"
 
 
+Answer = tuple[int, str, bytes]
+"""Status, content type and body of a small answer."""
+
+
 class ConnectionHost(Protocol):
     """What a connection needs from the server that accepted it."""
 
@@ -131,16 +135,18 @@ class ConnectionHost(Protocol):
         """Account ``delta`` bytes held for waiting uploads; False when the
         server-wide bound is reached (the upload must stop being read)."""
 
-    def answer_small(
-        self, route: Route, head: RequestHead, body: bytes | None
-    ) -> tuple[int, str, bytes]:
-        """Status, content type and body for mint, health or metrics."""
+    def answer_small(self, route: Route, head: RequestHead) -> Answer:
+        """Status, content type and body for health or metrics."""
+
+    def answer_mint(self, head: RequestHead, body: bytes) -> Answer | Awaitable[Answer]:
+        """The mint's answer, or what to await for it (a shared ledger)."""
 
     def check_mint(self, head: RequestHead) -> None: ...
 
 
 class HttpConnection(asyncio.BufferedProtocol):
     __slots__ = (
+        "_consultation",
         "_deadline",
         "_ended",
         "_eof_seen",
@@ -180,6 +186,8 @@ class HttpConnection(asyncio.BufferedProtocol):
         self._held = 0  # bytes of a waiting upload counted by the server
         self._eof_seen = False
         self._unread_body = False  # the current request has body bytes we did not read
+        # What we await from the shared ledger, and what to do with its answer.
+        self._consultation: tuple[asyncio.Future[Any], Callable[[Any], None]] | None = None
 
     # --- asyncio callbacks: each is one Event ---------------------------------------
 
@@ -189,14 +197,8 @@ class HttpConnection(asyncio.BufferedProtocol):
         self.transport = transport
         self.gate = ReadGate(transport)
         transport.set_write_buffer_limits(high=CONTROL_WRITE_HIGH, low=CONTROL_WRITE_LOW)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            # Not a TCP socket (tests), or already gone: nothing to keep alive.
-            with contextlib.suppress(OSError, TypeError, AttributeError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-                keepalive_s = self.server.config.tcp_keepalive_s
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, keepalive_s)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, keepalive_s)
+        # TCP keepalive is set once on the listening socket (server.py) and
+        # inherited by every accepted one: no per-connection syscalls here.
         if not self.server.connection_opened(self):
             transport.abort()
             return
@@ -247,6 +249,10 @@ class HttpConnection(asyncio.BufferedProtocol):
         """The server is closing."""
         self._dispatch(Event.SHUTDOWN)
 
+    def drain(self) -> None:
+        """The server stopped accepting; requests under way go on."""
+        self._dispatch(Event.DRAIN)
+
     def paired(self, transfer: Transfer) -> None:
         """`Relay.claim` paired us: ``transfer`` is the data path from now on."""
         self.transfer = transfer
@@ -279,8 +285,9 @@ class HttpConnection(asyncio.BufferedProtocol):
             type(exc).__name__,
             logsafe.safe(exc),
         )
-        if self.phase in (Phase.READING_HEAD, Phase.READING_BODY, Phase.WAITING):
+        if self.phase in (Phase.READING_HEAD, Phase.READING_BODY, Phase.WAITING, Phase.CONSULTING):
             self._cancel_deadline()
+            self._drop_consultation()
             if self.relay is not None:
                 relay, self.relay = self.relay, None
                 relay.leave(self)
@@ -312,13 +319,19 @@ class HttpConnection(asyncio.BufferedProtocol):
         self.phase = Phase.CLOSED
         self._cancel_deadline()
         self._release_held()
+        self._drop_consultation()
         self.server.connection_closed(self)
 
     def close(self) -> None:
         self.phase = Phase.CLOSED
         self._cancel_deadline()
         self._release_held()
+        self._drop_consultation()
         self.transport.close()
+
+    def close_if_idle(self) -> None:
+        if not self.inbuf:
+            self.close()
 
     def abort(self) -> None:
         self.phase = Phase.CLOSED
@@ -360,6 +373,48 @@ class HttpConnection(asyncio.BufferedProtocol):
             self.close()  # an idle keep-alive connection: just close it
         else:
             self._refuse(RequestTimeout())
+
+    # waiting for the shared ledger
+
+    def _consult(self, work: Awaitable[Any], then: Callable[[Any], None]) -> None:
+        """Wait for ``work`` (a shared-ledger call) without reading; then run
+        ``then`` with its result (a `RelayError` it raises is answered)."""
+        self.phase = Phase.CONSULTING
+        self._cancel_deadline()  # the shared ledger bounds its own time
+        self.gate.pause()
+        future = asyncio.ensure_future(work)
+        self._consultation = (future, then)
+        future.add_done_callback(self._consulted)
+
+    def _consulted(self, future: asyncio.Future[Any]) -> None:
+        if self._consultation is None or self._consultation[0] is not future:
+            if not future.cancelled():
+                future.exception()  # dropped: mark it retrieved
+            return
+        self._dispatch(Event.CONSULTED)
+
+    def resume_after_consult(self) -> None:
+        assert self._consultation is not None
+        future, then = self._consultation
+        self._consultation = None
+        self.phase = Phase.READING_HEAD  # until `then` says otherwise
+        self.gate.resume()
+        try:
+            then(future.result())
+        except RelayError as err:
+            self._refuse(err)
+        if self._eof_seen and self.phase is Phase.WAITING:
+            self.leave_relay()  # the client half-closed while we consulted
+        elif self._eof_seen and self.phase is Phase.READING_HEAD:
+            self.close()
+        elif self.phase is Phase.READING_HEAD and self.inbuf:
+            self.read_requests()  # requests pipelined behind this one
+
+    def _drop_consultation(self) -> None:
+        if self._consultation is not None:
+            future, _ = self._consultation
+            self._consultation = None
+            future.cancel()
 
     # waiting for a partner
 
@@ -504,7 +559,7 @@ class HttpConnection(asyncio.BufferedProtocol):
         elif kind is Route.MINT:
             self._start_mint(head)
         else:
-            self._answer(*self.server.answer_small(kind, head, None))
+            self._answer(*self.server.answer_small(kind, head))
         return True
 
     def _claim(self, side: Literal["PUT", "GET"], ticket: str, head: RequestHead) -> None:
@@ -512,10 +567,21 @@ class HttpConnection(asyncio.BufferedProtocol):
         # pairing deadline, which ends it while we wait.
         if extract_bearer_ticket(head.header("authorization")) != ticket:
             raise Unauthorized()
-        relay = self.server.registry.lookup(ticket)
-        if relay is None:
-            raise TicketNotFound()
+        registry = self.server.registry
         self._side = side
+        relay = registry.lookup(ticket)
+        if relay is not None:
+            self._claim_relay(relay)
+            return
+        # Not live here: a signed ticket opens its relay on its first arrival.
+        claims = registry.verify(ticket)  # 410 unless signed, unexpired, unspent
+        if registry.shared is None:
+            self._claim_relay(registry.open_signed(ticket, claims))
+        else:
+            self._consult(registry.admit(ticket, claims), self._claim_relay)
+
+    def _claim_relay(self, relay: Relay) -> None:
+        side = self._side
         partner = relay.claim(side, self)
         self.relay = relay
         self.phase = Phase.WAITING
@@ -590,12 +656,18 @@ class HttpConnection(asyncio.BufferedProtocol):
         body = bytes(self._mint_body)
         self._mint_body.clear()
         try:
-            answer = self.server.answer_small(Route.MINT, self.head, body)
+            answer = self.server.answer_mint(self.head, body)
         except RelayError as exc:
             self._refuse(exc)
             return True
+        if isinstance(answer, tuple):
+            self._answer(*answer)
+            return True
+        self._consult(answer, self._answer_consulted)
+        return False  # read_requests stops; resume_after_consult goes on
+
+    def _answer_consulted(self, answer: Answer) -> None:
         self._answer(*answer)
-        return True
 
     # --- answers -------------------------------------------------------------------
 

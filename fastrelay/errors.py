@@ -288,3 +288,26 @@ class InvalidField(MintError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
+
+
+# --- cluster errors (--redis-url, --ticket-key-file) -----------------------------
+
+
+class ClusterUnavailable(MintError):
+    """The shared cluster state (Redis) cannot be reached: nothing is decided
+    without it. Transfers already paired are not affected."""
+
+    status = 503
+
+    def __init__(self) -> None:
+        super().__init__("cluster state unavailable")
+
+
+class ServedElsewhere(RelayError):
+    """A signed ticket whose relay another live node is serving: the two
+    sides of this ticket reached different nodes (a routing change)."""
+
+    status = 421
+
+    def __init__(self) -> None:
+        super().__init__("relay: ticket is being served by another node")

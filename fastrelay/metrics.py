@@ -57,11 +57,16 @@ class MetricsSource(Protocol):
     @property
     def waiting_count(self) -> int: ...
     @property
+    def waiting_sides(self) -> int: ...
+    @property
     def open_connections(self) -> int: ...
     @property
     def refused_connections(self) -> int: ...
     @property
     def failed_handshakes(self) -> int: ...
+    @property
+    def cluster_health(self) -> tuple[bool, int] | None:
+        """(Redis reachable at the last call, failed calls), or None alone."""
 
 
 class RelayCollector(Collector):
@@ -94,6 +99,11 @@ class RelayCollector(Collector):
             "fastrelay_waiting_relays", "Live tickets not yet paired.", value=src.waiting_count
         )
         yield GaugeMetricFamily(
+            "fastrelay_waiting_sides",
+            "Requests (PUT or GET) holding one side of a relay, waiting for the other.",
+            value=src.waiting_sides,
+        )
+        yield GaugeMetricFamily(
             "fastrelay_connections", "Open client connections.", value=src.open_connections
         )
         yield SummaryMetricFamily(
@@ -118,6 +128,19 @@ class RelayCollector(Collector):
             "TLS handshakes that failed.",
             value=src.failed_handshakes,
         )
+        health = src.cluster_health
+        if health is not None:
+            up, errors = health
+            yield GaugeMetricFamily(
+                "fastrelay_cluster_up",
+                "1 if the last call to the shared ledger (Redis) succeeded, else 0.",
+                value=int(up),
+            )
+            yield CounterMetricFamily(
+                "fastrelay_cluster_errors",
+                "Calls to the shared ledger (Redis) that failed or timed out.",
+                value=errors,
+            )
 
 
 class _BuildInfo(Collector):

@@ -26,7 +26,7 @@ log = logging.getLogger("fastrelay")
 _LOG_LIMIT = MAX_ID_BYTES
 
 
-def _ids(relay: Finished) -> tuple[str, str, str]:
+def _ids(relay: Minted) -> tuple[str, str, str]:
     return (
         safe(relay.workspace_id, _LOG_LIMIT),
         safe(relay.source_exe_id, _LOG_LIMIT),
@@ -88,7 +88,7 @@ def _cut(value: object) -> str:
     return f"{text[:_LOG_LIMIT]}…(+{len(text) - _LOG_LIMIT} chars)"
 
 
-def _id_fields(relay: Finished) -> dict[str, object]:
+def _id_fields(relay: Minted) -> dict[str, object]:
     return {
         "id": ticket_id(relay.ticket),
         "workspace": _cut(relay.workspace_id),
@@ -97,7 +97,20 @@ def _id_fields(relay: Finished) -> dict[str, object]:
     }
 
 
-def log_created(relay: Finished, ttl_s: float, max_bytes: int) -> None:
+class Minted(Protocol):
+    @property
+    def ticket(self) -> str: ...
+    @property
+    def workspace_id(self) -> str: ...
+    @property
+    def source_exe_id(self) -> str: ...
+    @property
+    def dest_exe_id(self) -> str: ...
+
+
+def log_created(relay: Minted, ttl_s: float, max_bytes: int) -> None:
+    """One line per ticket minted (a signed ticket's relay opens later,
+    wherever its first side arrives)."""
     if log.isEnabledFor(logging.INFO):
         fields = _id_fields(relay)
         fields["ttl_s"] = ttl_s

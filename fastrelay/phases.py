@@ -9,6 +9,10 @@ that grows past the write limit the connection stops reading
 (``ANSWERING``) until the client catches up, so pipelined requests can never
 make the server buffer more than a bounded amount per connection.
 
+A request that needs the cluster's word first (a mint that takes a slot in
+Redis, or a signed ticket's first arrival at this node) waits for it in
+``CONSULTING``, not reading, until the answer (``CONSULTED``) lets it go on.
+
 A ``/relay/{ticket}`` request claims one side of a relay and waits for the
 other (``WAITING``); while it waits we keep reading (a bounded part of a
 waiting upload's body), because only a read shows that its client died. When
@@ -39,6 +43,7 @@ class Phase(enum.Enum):
     READING_HEAD = "reading_head"  # waiting for (the rest of) a request head
     READING_BODY = "reading_body"  # reading a mint request's body
     ANSWERING = "answering"  # answers queued past the write limit: not reading
+    CONSULTING = "consulting"  # the request waits for the shared ledger's answer
     WAITING = "waiting"  # holds one side of a relay, partner not here yet
     UPLOADING = "uploading"  # paired source: reads go to the transfer
     DOWNLOADING = "downloading"  # paired destination: the transfer writes to us
@@ -56,6 +61,8 @@ class Event(enum.Enum):
     PAIRED = "paired"  # the relay we wait on has both sides: a transfer starts
     PARTNER_GONE = "partner_gone"  # our relay or transfer ended without us
     SHUTDOWN = "shutdown"  # the server is closing
+    CONSULTED = "consulted"  # the shared ledger answered (or failed)
+    DRAIN = "drain"  # the server stopped accepting: idle connections go
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -72,6 +79,7 @@ _ANY_REQUEST = frozenset(
         P.READING_HEAD,
         P.READING_BODY,
         P.ANSWERING,
+        P.CONSULTING,
         P.WAITING,
         P.UPLOADING,
         P.DOWNLOADING,
@@ -103,6 +111,9 @@ for _phase in P:
         LIFECYCLE[(_phase, _event)] = _same(_phase, "note_write_state")
     LIFECYCLE[(_phase, Event.PAIRED)] = _same(_phase)  # only a WAITING side pairs
     LIFECYCLE[(_phase, Event.PARTNER_GONE)] = _same(_phase)
+    LIFECYCLE[(_phase, Event.CONSULTED)] = _same(_phase)  # only CONSULTING consults
+    # Drain leaves every request under way alone; only an idle connection closes.
+    LIFECYCLE[(_phase, Event.DRAIN)] = _same(_phase)
 
 LIFECYCLE.update(
     {
@@ -112,6 +123,10 @@ LIFECYCLE.update(
         (P.READING_HEAD, Event.WRITE_PAUSED): _step("hold_answers", P.ANSWERING),
         (P.READING_HEAD, Event.TIMER): _step("head_timed_out", _ENDED),
         (P.READING_HEAD, Event.SHUTDOWN): _step("close", P.CLOSED),
+        # A kept-alive connection with no request begun would only bring one
+        # more request to a server that refuses it: close it (as Go's
+        # Shutdown does), so a proxy opens its next connection elsewhere.
+        (P.READING_HEAD, Event.DRAIN): _step("close_if_idle", P.READING_HEAD, P.CLOSED),
         (P.READING_BODY, Event.DATA): _step("read_requests", _ANY_REQUEST),
         (P.READING_BODY, Event.EOF): _step("close", P.CLOSED),
         (P.READING_BODY, Event.TIMER): _step("head_timed_out", _ENDED),
@@ -122,6 +137,13 @@ LIFECYCLE.update(
         (P.ANSWERING, Event.WRITE_RESUMED): _step("resume_requests", _ANY_REQUEST),
         (P.ANSWERING, Event.TIMER): _step("abort", P.CLOSED),
         (P.ANSWERING, Event.SHUTDOWN): _step("close", P.CLOSED),
+        # --- waiting for the shared ledger ----------------------------------------
+        (P.CONSULTING, Event.DATA): _same(P.CONSULTING, "hold_input"),
+        (P.CONSULTING, Event.EOF): _same(P.CONSULTING, "note_eof"),
+        # LOST: "forget" (above) also drops the consultation.
+        (P.CONSULTING, Event.TIMER): _same(P.CONSULTING),  # the ledger bounds its own time
+        (P.CONSULTING, Event.SHUTDOWN): _same(P.CONSULTING),  # the answer sees the drain
+        (P.CONSULTING, Event.CONSULTED): _step("resume_after_consult", _ANY_REQUEST),
         # --- waiting for a partner -----------------------------------------------
         (P.WAITING, Event.DATA): _same(P.WAITING, "hold_waiting_input"),
         (P.WAITING, Event.EOF): _step("leave_relay", P.CLOSED),

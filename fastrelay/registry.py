@@ -8,10 +8,18 @@ Theory of operation
 -------------------
 Each `Relay` owns one `RelaySession` (the state machine) and, while a side
 waits, a reference to that side's connection (a `WaitingEnd`). The registry
-keeps live relays in a `TicketTable` (lookup and the per-workspace cap) and
-schedules each relay's pairing deadline on the server's one timer
-(`timer.LoopTimer`, shared with every connection deadline): that is where
-the TTL fires (`Relay._expire`).
+keeps live relays in a table by ticket and schedules each relay's pairing
+deadline on the server's one timer (`timer.LoopTimer`, shared with every
+connection deadline): that is where the TTL fires (`Relay._expire`). What
+counts against the caps is the ledger's (`ledger.py`): a `LocalLedger`
+for one node, plus a `SharedLedger` (Redis) when nodes share limits.
+
+Tickets come in two kinds. A random ticket (`tickets.new_ticket`) is known
+only here: minting creates its relay. A signed ticket (``keys`` set,
+`signed_tickets.py`) carries its own expiry, ids and byte limit, so minting
+only takes a slot and signs; the relay is created by the first side to
+reach a node (`open_signed`, after `admit` asks the cluster whether the
+ticket is spent or served elsewhere).
 
 Pairing happens in one place: `Relay.claim` records a side and, when it
 completes the pair, returns the waiting partner. The connection that made
@@ -20,8 +28,9 @@ here knows what a connection or a transfer is.
 
 Every path that ends a relay goes through `Relay.finish`, which applies the
 final input to the session (so the outcome is recorded once), removes the
-ticket, tells a still-waiting side (`WaitingEnd.relay_ended`), records
-metrics and the log line, and resolves ``await relay.wait()``.
+ticket, frees its slot (and marks a signed ticket spent), tells a
+still-waiting side (`WaitingEnd.relay_ended`), records metrics and the log
+line, and resolves ``await relay.wait()``.
 
 Everything runs on the event loop thread; nothing here blocks.
 """
@@ -29,11 +38,13 @@ Everything runs on the event loop thread; nothing here blocks.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import math
+import sys
 import time
 from collections.abc import Callable
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 from . import observe
 from .config import MAX_DURATION_S
@@ -43,18 +54,22 @@ from .errors import (
     PairingTimeout,
     PayloadTooLarge,
     RelayError,
+    ServedElsewhere,
     ShuttingDown,
     SideAlreadyClaimed,
+    TicketNotFound,
     UpstreamFailed,
-    WorkspaceCapReached,
 )
 from .heads import RequestHead
+from .ledger import Admission, Holding, LocalLedger, SharedLedger
 from .session import Input, Outcome, RelaySession, State
-from .tickets import CapReached, TicketTable, new_ticket
+from .signed_tickets import TicketClaims, TicketKeys, looks_signed
+from .tickets import new_ticket, ticket_key
 from .timer import LoopTimer
 
 DEFAULT_TTL_S = 300.0
 DEFAULT_MAX_PER_WORKSPACE = 16
+DEFAULT_MAX_PENDING = 4096
 
 
 Side = Literal["PUT", "GET"]
@@ -68,6 +83,17 @@ class WaitingEnd(Protocol):
 
     def relay_ended(self, err: RelayError) -> None:
         """The relay ended while we waited: answer ``err``; the side is gone."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Minted:
+    """What a mint hands out."""
+
+    ticket: str
+    expires_at: datetime.datetime
+    relay: Relay | None
+    """The live relay, when this process serves the ticket (random tickets);
+    None for a signed ticket, whose relay opens where its first side arrives."""
 
 
 class Relay:
@@ -84,9 +110,11 @@ class Relay:
         "error",
         "expires_at",
         "get_party",
+        "key",
         "max_bytes",
         "put_party",
         "session",
+        "signed",
         "source_exe_id",
         "ticket",
         "workspace_id",
@@ -101,21 +129,27 @@ class Relay:
         dest_exe_id: str,
         max_bytes: int,
         now: float,
-        ttl_s: float,
+        deadline: float,
+        expires_at: datetime.datetime,
+        *,
+        signed: bool = False,
     ) -> None:
         self._registry = registry
         self.ticket = ticket
+        self.key = ticket_key(ticket)
+        self.signed = signed
         self.workspace_id = workspace_id
         self.source_exe_id = source_exe_id
         self.dest_exe_id = dest_exe_id
         self.max_bytes = max_bytes
-        self.deadline = now + ttl_s
-        self.expires_at = registry.wall_clock() + datetime.timedelta(seconds=ttl_s)
+        self.deadline = deadline
+        """Monotonic time the pairing deadline passes at."""
+        self.expires_at = expires_at
         self.session = RelaySession(now)
         self.bytes = 0
+        """Payload bytes handed to the destination."""
         self.digest: str | None = None
         """Hex SHA-256 of the bytes handed to the destination (--audit-digest)."""
-        """Payload bytes handed to the destination."""
         self.error: RelayError | None = None
         self.put_party: WaitingEnd | None = None
         self.get_party: WaitingEnd | None = None
@@ -176,7 +210,7 @@ class Relay:
         registry = self._registry
         if session.handle(event, registry.clock()) is not State.STREAMING:
             return None
-        registry._paired += 1
+        registry._paired_relay(self)
         if self._expiry is not None:  # the TTL bounds pairing only
             self._expiry.cancel()
             self._expiry = None
@@ -210,11 +244,10 @@ class Relay:
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
-        if self.session.paired:
-            registry._paired -= 1
+        was_paired = self.session.paired
         self.session.handle(event, registry.clock())
         self.error = error
-        registry._remove(self)
+        registry._remove(self, was_paired)
         # Tell any side still waiting; which answer depends on why we ended.
         for party, waiting_for in ((self.put_party, "GET"), (self.get_party, "PUT")):
             if party is None:
@@ -235,13 +268,16 @@ class Relay:
 
 
 class Registry:
-    """Live relays, the per-workspace cap, and the timer their TTLs run on."""
+    """Live relays, the ledgers their slots are counted in, and the timer
+    their TTLs run on."""
 
     def __init__(
         self,
         max_per_workspace: int = DEFAULT_MAX_PER_WORKSPACE,
         default_ttl: float = DEFAULT_TTL_S,
         *,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        keys: TicketKeys | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime.datetime] | None = None,
     ) -> None:
@@ -249,6 +285,8 @@ class Registry:
             max_per_workspace = DEFAULT_MAX_PER_WORKSPACE
         if default_ttl <= 0:
             default_ttl = DEFAULT_TTL_S
+        if max_pending <= 0:
+            max_pending = DEFAULT_MAX_PENDING
         self.default_ttl = default_ttl
         self.clock = clock
         self.wall_clock = wall_clock or (lambda: datetime.datetime.now(datetime.UTC))
@@ -257,12 +295,18 @@ class Registry:
         """The one timer of the server serving this registry: pairing TTLs
         here, header, idle and linger deadlines in the connections."""
         self.draining = False
-        self._table: TicketTable[Relay] = TicketTable(max_per_workspace)
+        self.keys = keys
+        """Set: mint signs tickets, and signed tickets from any minter with
+        one of these keys are served (`open_signed`). Replace to rotate."""
+        self.ledger = LocalLedger(max_per_workspace, max_pending)
+        self.shared: SharedLedger | None = None
+        self._refresh: Deadline | None = None
+        self._table: dict[str, Relay] = {}
         self._paired = 0
 
     @property
     def max_per_workspace(self) -> int:
-        return self._table.max_per_workspace
+        return self.ledger.max_per_workspace
 
     # --- Go-compatible surface -----------------------------------------------------
 
@@ -274,11 +318,93 @@ class Registry:
         ttl: float | None = None,
         max_bytes: int = 0,
     ) -> Relay:
-        """Mint a ticket. Call on the event loop that serves it.
+        """Mint a random ticket that this process serves. Call on the event
+        loop that serves it.
 
         ``ttl`` None or <= 0 means the default; ``max_bytes`` <= 0 means no
-        limit. Raises `WorkspaceCapReached` or `ShuttingDown`.
+        limit. Raises `WorkspaceCapReached`, `MintDisabled` (pending cap) or
+        `ShuttingDown`. With a shared ledger use ``await mint(...)``.
         """
+        if self.shared is not None:
+            raise RuntimeError("this registry counts slots in a shared ledger: await mint()")
+        ttl_s = self._check_mint(workspace_id, source_exe_id, dest_exe_id, ttl)
+        relay = self._new_relay(
+            new_ticket(), workspace_id, source_exe_id, dest_exe_id, max_bytes, ttl_s
+        )
+        self.ledger.reserve(relay.key, workspace_id, relay.deadline, self.clock())
+        self._add(relay)
+        observe.log_created(relay, ttl_s, relay.max_bytes)
+        return relay
+
+    # --- minting in any mode -------------------------------------------------------
+
+    def mint_now(
+        self,
+        workspace_id: str,
+        source_exe_id: str,
+        dest_exe_id: str,
+        ttl: float | None = None,
+        max_bytes: int = 0,
+    ) -> Minted:
+        """What the mint endpoint does, when no shared ledger is attached:
+        a signed ticket with ``keys``, else a random one with its relay."""
+        if self.keys is None:
+            relay = self.create(workspace_id, source_exe_id, dest_exe_id, ttl, max_bytes)
+            return Minted(relay.ticket, relay.expires_at, relay)
+        if self.shared is not None:
+            raise RuntimeError("this registry counts slots in a shared ledger: await mint()")
+        ttl_s = self._check_mint(workspace_id, source_exe_id, dest_exe_id, ttl)
+        ticket, claims, expires_at = self._sign(
+            workspace_id, source_exe_id, dest_exe_id, max_bytes, ttl_s
+        )
+        now = self.clock()
+        self.ledger.reserve(ticket_key(ticket), workspace_id, now + ttl_s, now)
+        observe.log_created(_Signed(ticket, claims), ttl_s, claims.max_bytes)
+        return Minted(ticket, expires_at, None)
+
+    async def mint(
+        self,
+        workspace_id: str,
+        source_exe_id: str,
+        dest_exe_id: str,
+        ttl: float | None = None,
+        max_bytes: int = 0,
+    ) -> Minted:
+        """`mint_now`, counting the slot in the shared ledger when one is
+        attached (raises `ClusterUnavailable` when it cannot be reached)."""
+        shared = self.shared
+        if shared is None:
+            return self.mint_now(workspace_id, source_exe_id, dest_exe_id, ttl, max_bytes)
+        ttl_s = self._check_mint(workspace_id, source_exe_id, dest_exe_id, ttl, local_caps=False)
+        if self.keys is not None:
+            ticket, claims, expires_at = self._sign(
+                workspace_id, source_exe_id, dest_exe_id, max_bytes, ttl_s
+            )
+            await shared.reserve(ticket_key(ticket), workspace_id, claims.expires_ms)
+            observe.log_created(_Signed(ticket, claims), ttl_s, claims.max_bytes)
+            return Minted(ticket, expires_at, None)
+        relay = self._new_relay(
+            new_ticket(), workspace_id, source_exe_id, dest_exe_id, max_bytes, ttl_s
+        )
+        await shared.reserve(relay.key, workspace_id, _unix_ms(relay.expires_at))
+        try:
+            self.check_open()  # we may have started draining while Redis answered
+        except ShuttingDown:
+            shared.ended(relay.key, workspace_id, 0, signed=False)
+            raise
+        self._add(relay)
+        observe.log_created(relay, ttl_s, relay.max_bytes)
+        return Minted(relay.ticket, relay.expires_at, relay)
+
+    def _check_mint(
+        self,
+        workspace_id: str,
+        source_exe_id: str,
+        dest_exe_id: str,
+        ttl: float | None,
+        *,
+        local_caps: bool = True,
+    ) -> float:
         if not (workspace_id and source_exe_id and dest_exe_id):
             raise ValueError("relay: workspace_id, source_exe_id, dest_exe_id required")
         self.check_open()
@@ -286,27 +412,105 @@ class Registry:
         if not math.isfinite(ttl_s) or ttl_s > MAX_DURATION_S:
             # Far past any real pairing wait, and where expires_at overflows.
             raise ValueError(f"relay: ttl must be at most {MAX_DURATION_S:g} seconds")
-        try:
-            self._table.check_cap(workspace_id)
-        except CapReached:
-            raise WorkspaceCapReached() from None
-        relay = Relay(
+        if local_caps:
+            self.ledger.check(workspace_id, self.clock())
+        return ttl_s
+
+    def _sign(
+        self, workspace_id: str, source_exe_id: str, dest_exe_id: str, max_bytes: int, ttl_s: float
+    ) -> tuple[str, TicketClaims, datetime.datetime]:
+        assert self.keys is not None
+        # A signed ticket's expiry is whole milliseconds: expires_at says
+        # exactly what the ticket says.
+        expires_ms = _unix_ms(self.wall_clock()) + math.ceil(ttl_s * 1000)
+        claims = TicketClaims.new(
+            workspace_id, source_exe_id, dest_exe_id, max_bytes=max_bytes, expires_ms=expires_ms
+        )
+        return self.keys.sign(claims), claims, _from_unix_ms(expires_ms)
+
+    def _new_relay(
+        self,
+        ticket: str,
+        workspace_id: str,
+        source_exe_id: str,
+        dest_exe_id: str,
+        max_bytes: int,
+        ttl_s: float,
+    ) -> Relay:
+        now = self.clock()
+        return Relay(
             self,
-            new_ticket(),
+            ticket,
             workspace_id,
             source_exe_id,
             dest_exe_id,
             max(0, max_bytes),
-            self.clock(),
-            ttl_s,
+            now,
+            now + ttl_s,
+            self.wall_clock() + datetime.timedelta(seconds=ttl_s),
         )
-        self._table.add(relay)
+
+    def _add(self, relay: Relay) -> None:
+        self._table[relay.ticket] = relay
         relay._expiry = self.timer.at(relay.deadline, relay._expire)
-        observe.log_created(relay, ttl_s, relay.max_bytes)
-        return relay
+
+    # --- arrivals --------------------------------------------------------------------
 
     def lookup(self, ticket: str) -> Relay | None:
+        """The live relay of ``ticket`` in this process, if any."""
         return self._table.get(ticket)
+
+    def verify(self, ticket: str) -> TicketClaims:
+        """The claims of a signed ticket not live here, if it may be served:
+        signed by one of our keys, not expired, not spent here. Raises
+        `TicketNotFound` (410) otherwise."""
+        keys = self.keys
+        if keys is None or not looks_signed(ticket):
+            raise TicketNotFound()
+        claims = keys.verify(ticket)
+        if claims is None or claims.expired(_unix_ms(self.wall_clock())):
+            raise TicketNotFound()
+        if self.ledger.is_spent(ticket_key(ticket), self.clock()):
+            raise TicketNotFound()
+        return claims
+
+    async def admit(self, ticket: str, claims: TicketClaims) -> Relay:
+        """`open_signed`, once the shared ledger says the ticket is neither
+        spent nor served by another node (this node then holds its lease)."""
+        shared = self.shared
+        if shared is not None:
+            verdict = await shared.admit(ticket_key(ticket))
+            if verdict is Admission.SPENT:
+                raise TicketNotFound()
+            if verdict is Admission.ELSEWHERE:
+                raise ServedElsewhere()
+        return self.open_signed(ticket, claims)
+
+    def open_signed(self, ticket: str, claims: TicketClaims) -> Relay:
+        """The relay of a verified signed ticket, created here on its first
+        side's arrival (or the one a concurrent arrival just created)."""
+        relay = self._table.get(ticket)
+        if relay is not None:
+            return relay
+        self.check_open()
+        now = self.clock()
+        left_s = (claims.expires_ms - _unix_ms(self.wall_clock())) / 1000
+        if left_s <= 0 or self.ledger.is_spent(ticket_key(ticket), now):
+            raise TicketNotFound()  # expired or ended while the cluster answered
+        relay = Relay(
+            self,
+            ticket,
+            claims.workspace_id,
+            claims.source_exe_id,
+            claims.dest_exe_id,
+            claims.max_bytes,
+            now,
+            now + left_s,
+            _from_unix_ms(claims.expires_ms),
+            signed=True,
+        )
+        self._add(relay)
+        return relay
 
     @property
     def active_count(self) -> int:
@@ -315,25 +519,100 @@ class Registry:
 
     @property
     def waiting_count(self) -> int:
-        """Live tickets not yet paired."""
+        """Live relays not yet paired."""
         return len(self._table) - self._paired
+
+    def pending_count(self) -> int:
+        """Tickets minted here (or opened here) that have not paired."""
+        return self.ledger.pending_count(self.clock())
 
     def check_open(self) -> None:
         if self.draining:
             raise ShuttingDown()
+
+    # --- the shared ledger -------------------------------------------------------------
+
+    def attach(self, shared: SharedLedger) -> None:
+        """Count slots and spent tickets in ``shared`` (a cluster) from now on.
+        Its heartbeat runs on this registry's timer."""
+        self.shared = shared
+        # Caps are the cluster's; the local ledger only remembers spent tickets.
+        self.ledger = LocalLedger(sys.maxsize, sys.maxsize)
+        self._refresh = self.timer.after(shared.refresh_interval_s, self._heartbeat)
+
+    def detach(self) -> SharedLedger | None:
+        shared, self.shared = self.shared, None
+        if self._refresh is not None:
+            self._refresh.cancel()
+            self._refresh = None
+        return shared
+
+    def _heartbeat(self) -> None:
+        shared = self.shared
+        if shared is None:
+            return
+        shared.refresh(
+            [Holding(r.key, r.workspace_id, r.paired, r.signed) for r in self._table.values()]
+        )
+        self._refresh = self.timer.after(shared.refresh_interval_s, self._heartbeat)
 
     # --- lifecycle -----------------------------------------------------------------
 
     def shutdown_waiting(self) -> None:
         """Drain: refuse new work, fail every unpaired relay with 503."""
         self.draining = True
-        for relay in self._table:
+        for relay in list(self._table.values()):
             if not relay.paired:
                 relay.finish(Input.SHUTDOWN, ShuttingDown())
 
-    def _remove(self, relay: Relay) -> None:
-        self._table.remove(relay.ticket)
+    def _paired_relay(self, relay: Relay) -> None:
+        self._paired += 1
+        self.ledger.paired(relay.key)
+        if self.shared is not None:
+            self.shared.paired(relay.key, relay.workspace_id)
+
+    def _remove(self, relay: Relay, was_paired: bool) -> None:
+        del self._table[relay.ticket]
+        if was_paired:
+            self._paired -= 1
+        now = self.clock()
+        self.ledger.release(relay.key)
+        if relay.signed:
+            # The ticket itself is still valid until its deadline: remember
+            # that it is spent, so it answers 410 here meanwhile.
+            self.ledger.spend(relay.key, relay.deadline, now)
+        if self.shared is not None:
+            self.shared.ended(
+                relay.key, relay.workspace_id, _unix_ms(relay.expires_at), relay.signed
+            )
 
     def _finished(self, relay: Relay) -> None:
         self.metrics.record(relay)
         observe.log_finished(relay)
+
+
+class _Signed(NamedTuple):
+    """A signed ticket as `observe.log_created` sees it."""
+
+    ticket: str
+    claims: TicketClaims
+
+    @property
+    def workspace_id(self) -> str:
+        return self.claims.workspace_id
+
+    @property
+    def source_exe_id(self) -> str:
+        return self.claims.source_exe_id
+
+    @property
+    def dest_exe_id(self) -> str:
+        return self.claims.dest_exe_id
+
+
+def _unix_ms(when: datetime.datetime) -> int:
+    return math.floor(when.timestamp() * 1000)
+
+
+def _from_unix_ms(ms: int) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC)

@@ -1,13 +1,12 @@
-"""Tickets: minting, the bearer check, and the table of live tickets.
+"""Tickets: minting random ones, the bearer check, and keys for logs and ledgers.
 
 Theory of operation
 -------------------
 A ticket is the whole credential of one relay: 32 bytes from the OS CSPRNG,
 unpadded URL-safe base64, prefixed ``rly_`` (47 characters, as the Go relay).
-`TicketTable` maps live tickets to their entries and counts them per
-workspace (the cap runs from mint until the entry is removed, like the
-seed's). Pairing deadlines are not kept here: each relay schedules its own on
-the server's one timer (`deadlines.py`).
+With ``--ticket-key-file`` tickets are signed instead
+(`signed_tickets.py`). Live tickets are the registry's; what counts against
+the caps is the ledger's (`ledger.py`).
 
 No IO and no clock here.
 """
@@ -17,8 +16,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
-from collections.abc import Iterator
-from typing import Generic, Protocol, TypeVar
 
 TICKET_PREFIX = "rly_"
 TICKET_RANDOM_BYTES = 32
@@ -45,71 +42,13 @@ def extract_bearer_ticket(authorization: str | None) -> str | None:
     return token or None
 
 
+def ticket_key(ticket: str) -> str:
+    """A non-reversible 128-bit key for a ticket: what ledgers (and Redis)
+    store instead of the credential itself."""
+    return hashlib.sha256(ticket.encode()).hexdigest()[:32]
+
+
 def ticket_id(ticket: str) -> str:
-    """A short, non-reversible id for logs: never log the ticket itself."""
-    return hashlib.sha256(ticket.encode()).hexdigest()[:12]
-
-
-class Entry(Protocol):
-    """What the table needs to know of an entry."""
-
-    @property
-    def ticket(self) -> str: ...
-    @property
-    def workspace_id(self) -> str: ...
-
-
-E = TypeVar("E", bound=Entry)
-
-
-class CapReached(Exception):
-    """The workspace already holds ``max_per_workspace`` live tickets."""
-
-
-class TicketTable(Generic[E]):
-    """Live tickets and per-workspace counts."""
-
-    __slots__ = ("_by_ticket", "_per_workspace", "max_per_workspace")
-
-    def __init__(self, max_per_workspace: int) -> None:
-        if max_per_workspace < 1:
-            raise ValueError("max_per_workspace must be >= 1")
-        self.max_per_workspace = max_per_workspace
-        self._by_ticket: dict[str, E] = {}
-        self._per_workspace: dict[str, int] = {}
-
-    def check_cap(self, workspace_id: str) -> None:
-        """Raise `CapReached` if one more ticket would exceed the workspace cap."""
-        if self._per_workspace.get(workspace_id, 0) >= self.max_per_workspace:
-            raise CapReached(workspace_id)
-
-    def add(self, entry: E) -> None:
-        self.check_cap(entry.workspace_id)
-        if entry.ticket in self._by_ticket:  # 256 bits of entropy: never, but be sure
-            raise ValueError("duplicate ticket")
-        self._by_ticket[entry.ticket] = entry
-        ws = entry.workspace_id
-        self._per_workspace[ws] = self._per_workspace.get(ws, 0) + 1
-
-    def get(self, ticket: str) -> E | None:
-        return self._by_ticket.get(ticket)
-
-    def remove(self, ticket: str) -> E | None:
-        entry = self._by_ticket.pop(ticket, None)
-        if entry is not None:
-            ws = entry.workspace_id
-            left = self._per_workspace[ws] - 1
-            if left:
-                self._per_workspace[ws] = left
-            else:
-                del self._per_workspace[ws]
-        return entry
-
-    def workspace_count(self, workspace_id: str) -> int:
-        return self._per_workspace.get(workspace_id, 0)
-
-    def __len__(self) -> int:
-        return len(self._by_ticket)
-
-    def __iter__(self) -> Iterator[E]:
-        return iter(list(self._by_ticket.values()))
+    """A short, non-reversible id for logs: never log the ticket itself.
+    It is the start of `ticket_key`, so a log line and a ledger entry match."""
+    return ticket_key(ticket)[:12]

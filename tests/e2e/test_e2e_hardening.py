@@ -237,8 +237,14 @@ def test_sigterm_drains(tmp_path: pathlib.Path) -> None:
         assert put.stdin is not None
         put.stdin.write(data[:65536])
         put.stdin.flush()
-        # Both relays under way before the signal: one paired, one waiting.
-        wait_for_metrics(base, "fastrelay_active_relays 2", "fastrelay_waiting_relays 1")
+        # Both relays under way before the signal: one paired, one with its
+        # GET in and waiting (a minted ticket counts as waiting before that).
+        wait_for_metrics(
+            base,
+            "fastrelay_active_relays 2",
+            "fastrelay_waiting_relays 1",
+            "fastrelay_waiting_sides 1",
+        )
         proc.send_signal(signal.SIGTERM)
         out, _ = lonely.communicate(timeout=20)
         assert out == b'{"error":"server shutting down"}\n503'

@@ -74,3 +74,55 @@ class FakeTransport:
             buf[:n] = view[:n]
             view = view[n:]
             self.protocol.buffer_updated(n)
+
+
+class FakeSharedLedger:
+    """A `ledger.SharedLedger` whose decisions wait until the test answers them.
+
+    Stands in for our own interface (the Redis one is tested against a real
+    redis-server in tests/cluster): here only the connection's CONSULTING
+    phase is under test.
+    """
+
+    refresh_interval_s = 3600.0
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self.asked: list[tuple[str, Any]] = []
+        self._answers: list[asyncio.Future[Any]] = []
+        self.recorded: list[tuple[str, tuple[Any, ...]]] = []
+
+    async def _ask(self, what: str, arg: Any) -> Any:
+        import asyncio
+
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.asked.append((what, arg))
+        self._answers.append(fut)
+        return await fut
+
+    async def reserve(self, key: str, workspace_id: str, expires_ms: int) -> None:
+        await self._ask("reserve", key)
+
+    async def admit(self, key: str) -> Any:
+        return await self._ask("admit", key)
+
+    def answer(self, value: Any = None, error: BaseException | None = None) -> None:
+        """Answer the oldest open question."""
+        fut = self._answers.pop(0)
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(value)
+
+    def paired(self, key: str, workspace_id: str) -> None:
+        self.recorded.append(("paired", (key, workspace_id)))
+
+    def ended(self, key: str, workspace_id: str, expires_ms: int, signed: bool) -> None:
+        self.recorded.append(("ended", (key, workspace_id, expires_ms, signed)))
+
+    def refresh(self, holdings: list[Any]) -> None:
+        self.recorded.append(("refresh", (len(holdings),)))
+
+    async def close(self) -> None:
+        pass

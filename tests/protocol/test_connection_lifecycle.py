@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 
 import pytest
-from fakes import FakeTransport
+from fakes import FakeSharedLedger, FakeTransport
 from test_transfer_buffers import connect, get_head, make_server, put_head
 
 from fastrelay import Registry
@@ -55,6 +55,15 @@ def _in_answering(server: RelayServer) -> tuple[HttpConnection, FakeTransport]:
     return conn, t
 
 
+def _in_consulting(server: RelayServer) -> tuple[HttpConnection, FakeTransport]:
+    # A mint whose slot the (fake) shared ledger has not granted yet.
+    server.registry.attach(FakeSharedLedger())
+    conn, t = connect(server)
+    body = b'{"workspace_id":"w","source_exe_id":"s","dest_exe_id":"d"}'
+    t.feed(MINT_HEAD.replace(b"100", str(len(body)).encode()).removesuffix(b"{") + body)
+    return conn, t
+
+
 def _in_waiting(server: RelayServer) -> tuple[HttpConnection, FakeTransport]:
     relay = server.registry.create("w", "s", "d")
     conn, t = connect(server)
@@ -87,6 +96,7 @@ SETUPS: dict[Phase, Callable[[RelayServer], tuple[HttpConnection, FakeTransport]
     Phase.READING_HEAD: _in_reading_head,
     Phase.READING_BODY: _in_reading_body,
     Phase.ANSWERING: _in_answering,
+    Phase.CONSULTING: _in_consulting,
     Phase.WAITING: _in_waiting,
     Phase.UPLOADING: lambda s: _paired(s, "PUT"),
     Phase.DOWNLOADING: lambda s: _paired(s, "GET"),
@@ -122,6 +132,13 @@ def fire(
             pt.feed(put_head(relay.ticket, 10))  # completes the pair
         else:
             conn._dispatch(Event.PAIRED)
+    elif event is Event.CONSULTED:
+        shared = server.registry.shared
+        if conn.phase is Phase.CONSULTING:
+            assert isinstance(shared, FakeSharedLedger)
+            shared.answer(None)  # the slot is granted; the answer follows on the loop
+        else:
+            conn._dispatch(Event.CONSULTED)
     elif event is Event.PARTNER_GONE:
         if conn.phase is Phase.UPLOADING:
             conn.transfer_ended(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", True)
@@ -131,6 +148,8 @@ def fire(
             server.registry.shutdown_waiting()  # the relay ends: 503
         else:
             conn._dispatch(Event.PARTNER_GONE)
+    elif event is Event.DRAIN:
+        conn.drain()
     else:
         conn.shut_down()
 
@@ -152,9 +171,12 @@ def test_each_event_moves_each_phase_only_where_the_table_says(
         clock = FakeClock()
         server = make_server(Registry(clock=clock))
         conn, t = SETUPS[phase](server)
+        await asyncio.sleep(0)  # a consultation starts on the loop
         assert conn.phase is phase
         with caplog.at_level(logging.ERROR, logger="fastrelay"):
             fire(server, clock, conn, t, event)
+            for _ in range(3):  # a consultation's answer arrives through the loop
+                await asyncio.sleep(0)
         allowed = LIFECYCLE[(phase, event)].to
         assert conn.phase in allowed, (phase, event, conn.phase)
         assert not [r for r in caplog.records if "internal error" in r.getMessage()]

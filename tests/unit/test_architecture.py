@@ -23,6 +23,8 @@ CORE = [
     "mint",
     "observe",
     "logsafe",
+    "signed_tickets",
+    "ledger",
 ]
 FORBIDDEN = {"asyncio", "ssl", "socket", "uvloop", "selectors"}
 PKG = pathlib.Path(fastrelay.__file__).parent

@@ -17,6 +17,7 @@ RELAY_NAMES = [
     "fastrelay_bytes_total",
     "fastrelay_active_relays",
     "fastrelay_waiting_relays",
+    "fastrelay_waiting_sides",
     "fastrelay_connections",
     "fastrelay_pairing_seconds",
     "fastrelay_transfer_seconds",
@@ -31,9 +32,11 @@ class FakeSource:
     metrics: Metrics
     active_count: int = 3
     waiting_count: int = 1
+    waiting_sides: int = 6
     open_connections: int = 5
     refused_connections: int = 2
     failed_handshakes: int = 7
+    cluster_health: tuple[bool, int] | None = None
 
 
 def fake_source() -> FakeSource:
@@ -78,6 +81,7 @@ def test_text_format_names_and_values() -> None:
     assert s["fastrelay_active_relays"] == 3
     assert s["fastrelay_waiting_relays"] == 1
     assert s["fastrelay_connections"] == 5
+    assert s["fastrelay_waiting_sides"] == 6
     assert s["fastrelay_pairing_seconds_sum"] == 4.5
     assert s["fastrelay_pairing_seconds_count"] == 11
     assert s["fastrelay_transfer_seconds_sum"] == 20.25
@@ -94,6 +98,19 @@ def test_text_format_names_and_values() -> None:
     # The text parses as Prometheus exposition.
     names = {f.name for f in text_string_to_metric_families(text)}
     assert "fastrelay_relays" in names  # the parser strips _total from counter families
+
+
+def test_cluster_metrics_only_with_a_shared_ledger() -> None:
+    source = fake_source()
+    registry = metrics.make_registry(source)
+    s = samples(metrics.render_metrics(registry, None)[1])
+    assert "fastrelay_cluster_up" not in s and "fastrelay_cluster_errors_total" not in s
+    source.cluster_health = (False, 4)
+    s = samples(metrics.render_metrics(registry, None)[1])
+    assert s["fastrelay_cluster_up"] == 0
+    assert s["fastrelay_cluster_errors_total"] == 4
+    source.cluster_health = (True, 4)
+    assert samples(metrics.render_metrics(registry, None)[1])["fastrelay_cluster_up"] == 1
 
 
 def test_values_are_read_at_scrape_time() -> None:

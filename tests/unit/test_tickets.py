@@ -1,28 +1,18 @@
-"""Ticket format, bearer parsing, the live-ticket table (fake clock)."""
+"""Ticket format, bearer parsing, the keys logs and ledgers use."""
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
 import pytest
 
 from fastrelay.tickets import (
     TICKET_LENGTH,
-    CapReached,
-    TicketTable,
     extract_bearer_ticket,
     new_ticket,
     ticket_id,
+    ticket_key,
 )
-
-
-@dataclasses.dataclass
-class E:
-    ticket: str
-    workspace_id: str
-    deadline: float
-    paired: bool = False
 
 
 def test_ticket_format() -> None:
@@ -57,15 +47,9 @@ def test_ticket_id_is_short_and_not_the_ticket() -> None:
     assert ticket_id(t) == ticket_id(t)
 
 
-def test_cap_counts_from_add_to_remove() -> None:
-    table: TicketTable[E] = TicketTable(max_per_workspace=2)
-    table.add(E("a", "w", 10))
-    table.add(E("b", "w", 10))
-    table.add(E("c", "other", 10))
-    with pytest.raises(CapReached):
-        table.add(E("d", "w", 10))
-    assert table.workspace_count("w") == 2
-    table.remove("a")
-    table.add(E("d", "w", 10))
-    assert len(table) == 3 + 0
-    assert table.remove("nope") is None
+def test_ticket_key_is_128_bits_and_starts_with_the_log_id() -> None:
+    t = new_ticket()
+    key = ticket_key(t)
+    assert re.fullmatch(r"[0-9a-f]{32}", key)
+    assert key.startswith(ticket_id(t))
+    assert key not in t
