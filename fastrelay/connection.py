@@ -355,11 +355,13 @@ class HttpConnection(asyncio.BufferedProtocol):
         if self.write_paused and self.phase is Phase.READING_HEAD:
             self.hold_answers()
 
-    def hold_answers(self) -> None:
-        """The client is not reading our answers: stop reading its requests."""
+    def hold_answers(self, deadline_s: float | None = None) -> None:
+        """The client is not reading our answers: stop reading its requests
+        until it does; abort if it has not within ``deadline_s`` (default:
+        the header timeout)."""
         self.phase = Phase.ANSWERING
         self.gate.pause()
-        self._arm(self.server.config.header_timeout_s)
+        self._arm(self.server.config.header_timeout_s if deadline_s is None else deadline_s)
 
     def resume_requests(self) -> None:
         self.phase = Phase.READING_HEAD
@@ -514,7 +516,6 @@ class HttpConnection(asyncio.BufferedProtocol):
             self._reset()
             return
         head = self.head
-        self.transport.set_write_buffer_limits(high=CONTROL_WRITE_HIGH, low=CONTROL_WRITE_LOW)
         if (
             head is None
             or not head.keep_alive
@@ -522,11 +523,24 @@ class HttpConnection(asyncio.BufferedProtocol):
             or self._eof_seen
             or self.server.draining
         ):
-            self.close()
+            self.close()  # close() sends what is queued, then the FIN
             return
         # The body is complete: the connection is the client's again.
         self.head = None
         self.phase = Phase.READING_HEAD
+        # Only now, out of DOWNLOADING: on a TLS transport this call runs
+        # pause_writing()/resume_writing() at once when the ciphertext still
+        # queued is past the new marks (up to the transfer's 256 KiB usually
+        # is), and those must reach the phase that owns the connection now,
+        # not a transfer that is gone.
+        self.transport.set_write_buffer_limits(high=CONTROL_WRITE_HIGH, low=CONTROL_WRITE_LOW)
+        if self.write_paused:
+            # The client has not read the end of the body yet (TLS: up to the
+            # transfer's write mark is still queued). It gets the transfer's
+            # idle timeout to do so; past it the connection is aborted, and
+            # the body it did not read is visibly incomplete.
+            self.hold_answers(self.server.config.idle_timeout_s)
+            return
         self.gate.resume()
         self._arm(self.server.config.header_timeout_s)
         if self.inbuf:

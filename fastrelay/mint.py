@@ -94,6 +94,10 @@ def _reject_constant(name: str) -> NoReturn:
     raise ValueError(name)
 
 
+# One decoder for every mint (json.loads with options builds one per call).
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def _decode(body: bytes) -> Any:
     if body.startswith(b"\xef\xbb\xbf"):
         raise InvalidJSON()  # Go rejects a BOM as an invalid character
@@ -107,7 +111,7 @@ def _decode(body: bytes) -> Any:
     if _too_deep(body):
         raise InvalidJSON()
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return _DECODER.decode(text)
     except (ValueError, RecursionError):
         # ValueError covers syntax errors and ints of more digits than
         # sys.get_int_max_str_digits; RecursionError is unreachable after

@@ -368,3 +368,32 @@ def test_slow_mint_body_is_cut_off(relay_factory: Callable[..., Relay]) -> None:
         status, _, _ = parse_response(read_all(sock))
     assert status == 408
     assert healthy(relay)
+
+
+@pytest.mark.parametrize("loop_kind", ["uvloop", "asyncio"])
+def test_accepted_connections_inherit_tcp_keepalive(
+    relay_factory: Callable[..., Relay], loop_kind: str
+) -> None:
+    # Keepalive (what ends a transfer whose peer vanished without FIN or RST)
+    # is set on the listener only; every accepted socket must carry it.
+    relay = relay_factory(loop_kind, tcp_keepalive_s=17)
+    with relay.connect():
+
+        def options() -> list[tuple[int, int, int]]:
+            out = []
+            for conn in relay.server.connections:
+                sock = conn.transport.get_extra_info("socket")
+                out.append(
+                    (
+                        sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                    )
+                )
+            return out
+
+        deadline = time.monotonic() + 10
+        while not relay.call(options):
+            assert time.monotonic() < deadline, "the connection was never accepted"
+            time.sleep(0.01)
+        assert relay.call(options) == [(1, 17, 17)]

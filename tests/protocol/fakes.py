@@ -126,3 +126,30 @@ class FakeSharedLedger:
 
     async def close(self) -> None:
         pass
+
+
+class FakeTLSTransport(FakeTransport):
+    """Like an asyncio/uvloop SSL transport where it matters to the relay:
+    write() never pins the caller's buffer (it encrypts at once), and
+    set_write_buffer_limits() re-checks the marks on the spot, calling
+    pause_writing() or resume_writing() synchronously (uvloop sslproto.pyx,
+    asyncio/sslproto.py ``_control_app_writing``)."""
+
+    def __init__(self, protocol: Any = None) -> None:
+        super().__init__(protocol)
+        self.paused = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "sslcontext":
+            return object()
+        return default
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        super().set_write_buffer_limits(high, low)
+        high, low = self.limits or (0, 0)
+        if not self.paused and self.pending >= high:
+            self.paused = True
+            self.protocol.pause_writing()
+        elif self.paused and self.pending <= low:
+            self.paused = False
+            self.protocol.resume_writing()

@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from fakes import FakeTransport
+from fakes import FakeTLSTransport, FakeTransport
 
 from fastrelay import Outcome, Registry, RelayConfig
 from fastrelay.connection import HttpConnection
@@ -20,6 +20,14 @@ from fastrelay.phases import Phase
 from fastrelay.server import RelayServer
 
 BUF = 4096
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def run(coro_fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -262,5 +270,58 @@ def test_put_without_any_framing_is_an_empty_body_and_a_complete_get() -> None:
         assert b"Content-Length: 0\r\n" in gt.data and b"chunked" not in gt.data
         assert relay.outcome is Outcome.OK and not gt.aborted
         assert get.phase is Phase.READING_HEAD
+
+    run(main)
+
+
+def test_tls_download_ends_cleanly_with_ciphertext_still_queued() -> None:
+    # The last byte is handed to a TLS download that still queues ~200 KiB
+    # of ciphertext. Restoring the connection's own write marks then calls
+    # pause_writing() synchronously; that must not look like an error (it
+    # once reset the GET after the PUT had been told "ok").
+    async def main() -> None:
+        server = make_server()
+        relay = server.registry.create("w", "s", "d")
+        get = HttpConnection(server)
+        gt = FakeTLSTransport(get)
+        get.connection_made(gt)  # type: ignore[arg-type]
+        gt.feed(get_head(relay.ticket))
+        put, pt = connect(server)
+        pt.feed(put_head(relay.ticket, 10))
+        assert not put.transfer.pins_buffers  # type: ignore[union-attr]
+        gt.pending = 200 * 1024
+        pt.feed(b"0123456789")
+        assert relay.outcome is Outcome.OK
+        assert not gt.aborted and not gt.closed
+        assert get.phase is Phase.ANSWERING and not gt.reading  # waits for the client
+        assert body_of(gt) == b"0123456789"
+        # The client reads the rest: the connection is ready for its next request.
+        gt.pending = 0
+        gt.paused = False
+        get.resume_writing()
+        assert get.phase is Phase.READING_HEAD and gt.reading
+
+    run(main)
+
+
+def test_tls_download_tail_unread_past_the_idle_timeout_is_aborted() -> None:
+    async def main() -> None:
+        clock = FakeClock()
+        server = make_server(Registry(clock=clock), idle_timeout_s=30.0)
+        relay = server.registry.create("w", "s", "d")
+        get = HttpConnection(server)
+        gt = FakeTLSTransport(get)
+        get.connection_made(gt)  # type: ignore[arg-type]
+        gt.feed(get_head(relay.ticket))
+        put, pt = connect(server)
+        pt.feed(put_head(relay.ticket, 3))
+        gt.pending = 200 * 1024
+        pt.feed(b"abc")
+        clock.now += 29.9
+        server.timer.run_due()
+        assert not gt.aborted
+        clock.now += 0.1
+        server.timer.run_due()
+        assert gt.aborted
 
     run(main)
