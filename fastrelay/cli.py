@@ -176,6 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM/SIGINT, let paired transfers run this long, s (%(default)s)",
     )
     serve.add_argument(
+        "--drain-grace",
+        type=_number,
+        default=0.0,
+        help="on SIGTERM/SIGINT, first keep serving relay requests this long while "
+        "/healthz answers 503, so a load balancer takes the node out before its port "
+        "closes (docs/cluster.md), s (%(default)s)",
+    )
+    serve.add_argument(
         "--buffer-size",
         type=_whole,
         default=d.read_buffer_bytes,
@@ -321,11 +329,11 @@ def flag_message(exc: ConfigValueError) -> str:
     return f"{FLAGS[exc.field]} {_FIELD_NAME.sub(flag, exc.requirement)}{got}"
 
 
-def check_drain_timeout(value: float) -> None:
-    # Not a RelayConfig field (serve() uses it), so it is checked here.
+def check_drain_timeout(value: float, flag: str) -> None:
+    # Not RelayConfig fields (serve() uses them), so they are checked here.
     if not (math.isfinite(value) and 0 <= value <= MAX_DURATION_S):
         raise ConfigError(
-            f"--drain-timeout must be a number of seconds 0-{MAX_DURATION_S:.0f} "
+            f"{flag} must be a number of seconds 0-{MAX_DURATION_S:.0f} "
             f"(got {format_number(value)})"
         )
 
@@ -383,7 +391,10 @@ def make_ssl(config: RelayConfig) -> ssl.SSLContext | None:
 
 
 async def serve(
-    config: RelayConfig, ssl_ctx: ssl.SSLContext | None, drain_timeout_s: float
+    config: RelayConfig,
+    ssl_ctx: ssl.SSLContext | None,
+    drain_timeout_s: float,
+    drain_grace_s: float = 0.0,
 ) -> None:
     try:
         server = RelayServer(config, ssl=ssl_ctx)
@@ -422,8 +433,16 @@ async def serve(
     # line is read must drain, not kill the process.
     print(f"fastrelay: listening on {server.url}", flush=True)
     await stop.wait()
-    log.info("draining: no new connections; waiting up to %gs for transfers", drain_timeout_s)
-    await server.drain(drain_timeout_s)
+    if drain_grace_s > 0:
+        log.info(
+            "draining: /healthz answers 503; serving relay requests %gs more, then no new "
+            "connections and up to %gs for transfers",
+            drain_grace_s,
+            drain_timeout_s,
+        )
+    else:
+        log.info("draining: no new connections; waiting up to %gs for transfers", drain_timeout_s)
+    await server.drain(drain_timeout_s, drain_grace_s)
     await server.close()
 
 
@@ -433,7 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_client_command(args)
     setup_logging(args.log_level, args.log_format)
     try:
-        check_drain_timeout(args.drain_timeout)
+        check_drain_timeout(args.drain_timeout, "--drain-timeout")
+        check_drain_timeout(args.drain_grace, "--drain-grace")
         secret, generated = read_secret(args.shared_secret_file)
         config = config_from_args(args, secret)
         config = fit_max_connections(config, raise_fd_limit())
@@ -445,7 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 flush=True,
             )
         run = _runner(args.loop)
-        run(serve(config, ssl_ctx, args.drain_timeout))
+        run(serve(config, ssl_ctx, args.drain_timeout, args.drain_grace))
     except ConfigError as exc:
         # One escaping point for every message: whatever a flag or a file
         # name held, the error stays one line.

@@ -11,11 +11,12 @@ share:
   ticket's key (`tickets.ticket_key`, never the ticket), score = when the
   slot frees itself (ms). A mint adds one with the ticket's pairing deadline
   (``RESERVE`` counts the set first: that is the per-workspace cap). Pairing
-  and every heartbeat push a running relay's score to now + lease, so a
-  transfer keeps its slot as long as its node lives and runs past the TTL if
-  it must; its end removes it. Entries whose score passed are trimmed before
-  every count: a slot held by a ticket nobody served, or by a node that
-  died, frees itself.
+  and every heartbeat set a running relay's score to now + lease (the
+  pairing deadline no longer matters once paired): a transfer keeps its slot
+  as long as its node lives, past the TTL if it must, and a crashed node's
+  slots free themselves one lease after its last heartbeat; its end removes
+  it. Entries whose score passed are trimmed before every count: a slot held
+  by a ticket nobody served, or by a node that died, frees itself.
 * ``pending``: the same for minted-but-unpaired tickets of all workspaces
   (the pending cap); pairing or the end removes the member.
 * ``owner:<key>``: the node serving a signed ticket, with a lease (``ADMIT``
@@ -104,7 +105,7 @@ PAIRED = (
     + _KEEP_SET
     + """
 redis.call('ZREM', KEYS[2], ARGV[1])
-if redis.call('ZADD', KEYS[1], 'XX', 'GT', 'CH', now + tonumber(ARGV[2]), ARGV[1]) == 1 then
+if redis.call('ZADD', KEYS[1], 'XX', 'CH', now + tonumber(ARGV[2]), ARGV[1]) == 1 then
   keep_set(KEYS[1])
 end
 return 'ok'
@@ -131,7 +132,7 @@ REFRESH = (
     + _KEEP_SET
     + """
 if ARGV[4] == '1' then
-  if redis.call('ZADD', KEYS[1], 'XX', 'GT', 'CH', now + tonumber(ARGV[3]), ARGV[1]) == 1 then
+  if redis.call('ZADD', KEYS[1], 'XX', 'CH', now + tonumber(ARGV[3]), ARGV[1]) == 1 then
     keep_set(KEYS[1])
   end
 end

@@ -87,11 +87,15 @@ class RelayServer:
         self.waiting_body_bytes = 0
         """Body bytes held for waiting uploads, all connections together."""
         self.draining = False
+        """Set at drain: /healthz and mint answer 503, answers close their connection."""
+        self.accepting = True
+        """Cleared when the listener closes: a connection accepted after that
+        (already in the backlog) is closed at once."""
         self.refused_connections = 0
         self.failed_handshakes = 0
         self._accept_error_logged_at = -ACCEPT_ERROR_LOG_INTERVAL_S
         self._metrics_registry = make_registry(self)
-        self._drain_cut = False
+        self._drain_cut = asyncio.Event()
         self._server: asyncio.Server | None = None
         self.shared: RedisLedger | None = None
         self.port = 0
@@ -138,28 +142,39 @@ class RelayServer:
         """Base of the URLs handed out at mint (``--public-url`` or derived)."""
         return self.config.base_url(self.port, tls=self.ssl is not None)
 
-    async def drain(self, timeout_s: float) -> None:
-        """Stop accepting; fail waiting sides (503); let paired transfers finish."""
+    async def drain(self, timeout_s: float, grace_s: float = 0.0) -> None:
+        """Leave gracefully: /healthz and mint answer 503 at once and idle
+        connections close; for ``grace_s`` relay requests are still served
+        (a load balancer's health checks take the node out meanwhile, so no
+        request finds its port closed); then stop accepting, fail waiting
+        sides (503) and let paired transfers finish, for up to ``timeout_s``."""
         self.draining = True
-        if self._server is not None:
-            self._server.close()
-        self.registry.shutdown_waiting()
         for conn in list(self.connections):
             conn.drain()
+        if grace_s > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drain_cut.wait(), grace_s)
+        self._stop_accepting()
+        self.registry.shutdown_waiting()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while self.registry.active_count and loop.time() < deadline and not self._drain_cut:
+        cut = self._drain_cut
+        while self.registry.active_count and loop.time() < deadline and not cut.is_set():
             await asyncio.sleep(0.05)
 
+    def _stop_accepting(self) -> None:
+        self.accepting = False
+        if self._server is not None:
+            self._server.close()
+
     def cut_drain(self) -> None:
-        """Stop waiting for transfers in `drain` (a second signal)."""
-        self._drain_cut = True
+        """Stop waiting in `drain`, grace and transfers alike (a second signal)."""
+        self._drain_cut.set()
 
     async def close(self) -> None:
         """Stop listening, fail waiting sides with 503, close every connection."""
         self.draining = True
-        if self._server is not None:
-            self._server.close()
+        self._stop_accepting()
         self.registry.shutdown_waiting()
         for conn in list(self.connections):
             conn.shut_down()
@@ -242,7 +257,7 @@ class RelayServer:
         deadline = self.handshaking.pop(conn, None)
         if deadline is not None:
             deadline.cancel()
-        if self.draining or self.open_connections >= self.config.max_connections:
+        if not self.accepting or self.open_connections >= self.config.max_connections:
             self.refused_connections += 1
             return False
         self.connections.add(conn)

@@ -1,0 +1,487 @@
+"""One-address mode: three real nodes behind deploy/haproxy.cfg, sharing a ticket
+key and a real redis-server, driven with real curl.
+
+Each node runs ``--ticket-key-file`` (signed tickets: any node serves any
+node's ticket) and ``--redis-url`` (caps, single use and leases for the
+whole cluster), and its ``--public-url`` is HAProxy's address, so mint
+answers point at HAProxy and its consistent path hash brings both sides of
+a ticket to one node. HAProxy adds ``X-Fastrelay-Node`` to every answer so a
+test knows which node served a request.
+
+Every wait polls a condition with a deadline (`processes.wait_for`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import secrets
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytest
+
+from tests.cluster.processes import (
+    DEFAULT_SECRET,
+    HAProxy,
+    Node,
+    RedisServer,
+    free_port,
+    wait_for,
+    which,
+)
+
+CURL = shutil.which("curl")
+for _tool in ("haproxy", "redis-server"):
+    if which(_tool) is None:
+        pytest.skip(f"{_tool} is not installed (.ci/run installs it)", allow_module_level=True)
+if CURL is None:
+    pytest.skip("curl is not installed", allow_module_level=True)
+
+LEASE_S = 1.5  # a dead node's leases and running slots free themselves this fast
+SIZES = [0, 1, 777, 65_536, 100_003, 1_048_576, 2_500_000]
+
+
+@dataclasses.dataclass
+class Cluster:
+    redis: RedisServer
+    nodes: list[Node]
+    proxy: HAProxy
+    tmp: pathlib.Path
+
+    @property
+    def url(self) -> str:
+        return self.proxy.url
+
+    def node_by_name(self, name: str) -> Node:
+        return self.nodes[int(name.removeprefix("node")) - 1]
+
+    def metric(self, node: Node, name: str) -> float:
+        value = node.metric(name)
+        return -1.0 if value is None else value
+
+    def live_slots(self, workspace: str) -> int:
+        """Slots of ``workspace`` in Redis whose deadline has not passed."""
+        now_s, micros = _redis_time(self.redis)
+        now_ms = now_s * 1000 + micros // 1000
+        reply = self.redis.command("ZCOUNT", f"fastrelay:ws:{workspace}", f"({now_ms}", "+inf")
+        return int(reply[1:].strip())
+
+
+def _redis_time(redis: RedisServer) -> tuple[int, int]:
+    # TIME answers a two-element array; read it with a raw socket like `command`.
+    import socket
+
+    with socket.create_connection((redis.host, redis.port), timeout=2) as sock:
+        sock.sendall(b"*1\r\n$4\r\nTIME\r\n")
+        data = b""
+        while data.count(b"\r\n") < 5:
+            data += sock.recv(4096)
+    parts = data.split(b"\r\n")
+    return int(parts[2]), int(parts[4])
+
+
+@contextlib.contextmanager
+def cluster_of(
+    tmp: pathlib.Path,
+    *,
+    count: int = 3,
+    node_args: Sequence[str] = (),
+    redis: bool = True,
+) -> Iterator[Cluster]:
+    keyfile = tmp / "ticket-keys"
+    keyfile.write_text(secrets.token_urlsafe(32) + "\n")
+    keyfile.chmod(0o600)
+    port = free_port()
+    with RedisServer() as redis_server:
+        args = [
+            "--public-url",
+            f"http://127.0.0.1:{port}",
+            "--ticket-key-file",
+            str(keyfile),
+            "--cluster-lease",
+            str(LEASE_S),
+            "--redis-timeout",
+            "0.3",
+            *(["--redis-url", redis_server.url] if redis else []),
+            *node_args,
+        ]
+        nodes: list[Node] = []
+        try:
+            with concurrent.futures.ThreadPoolExecutor(count) as pool:
+                for fut in [pool.submit(Node, args) for _ in range(count)]:
+                    nodes.append(fut.result())
+            with HAProxy(
+                [n.address for n in nodes], port=port, env={"FASTRELAY_NODE_HEADER": "1"}
+            ) as proxy:
+                proxy.wait_all_up(timeout=10)
+                yield Cluster(redis_server, nodes, proxy, tmp)
+        finally:
+            for node in nodes:
+                node.close()
+
+
+@pytest.fixture(scope="module")
+def payloads(tmp_path_factory: pytest.TempPathFactory) -> dict[int, pathlib.Path]:
+    base = tmp_path_factory.mktemp("payloads")
+    out = {}
+    for size in SIZES:
+        path = base / f"p{size}.bin"
+        path.write_bytes(os.urandom(size))
+        out[size] = path
+    return out
+
+
+# --- requests ------------------------------------------------------------------------
+
+
+def mint(base: str, timeout: float = 10, **fields: Any) -> tuple[int, dict[str, Any]]:
+    body = {"workspace_id": "ws", "source_exe_id": "src", "dest_exe_id": "dst", **fields}
+    req = urllib.request.Request(
+        f"{base}/api/exec-gateway/relay/create",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {DEFAULT_SECRET}"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, json.loads(exc.read() or b"{}")
+
+
+def request_status(method: str, url: str, ticket: str) -> int:
+    req = urllib.request.Request(
+        url, method=method, data=b"" if method == "PUT" else None,
+        headers={"Authorization": f"Bearer {ticket}"},
+    )  # fmt: skip
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return int(exc.code)
+
+
+@dataclasses.dataclass
+class Transfer:
+    """One relay run with two curls; what each saw."""
+
+    get_rc: int
+    put_rc: int
+    put_answer: str
+    node: str | None  # X-Fastrelay-Node of the GET's answer
+    intact: bool
+
+
+def _curl(*args: str) -> list[str]:
+    assert CURL is not None
+    return [CURL, "-sS", *args]
+
+
+@contextlib.contextmanager
+def started_transfer(
+    url: str,
+    ticket: str,
+    payload: pathlib.Path,
+    out: pathlib.Path,
+    *,
+    chunked: bool,
+    rate: str = "",
+) -> Iterator[tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]]:
+    """A GET and a PUT under way (the GET first); both reaped on the way out."""
+    auth = f"Authorization: Bearer {ticket}"
+    get = subprocess.Popen(
+        _curl("-H", auth, "-o", str(out), "-D", f"{out}.head", url),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    limit = ["--limit-rate", rate] if rate else []
+    if chunked:
+        with payload.open("rb") as stdin:
+            put = subprocess.Popen(
+                _curl("-H", auth, *limit, "-T", "-", url),
+                stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            )  # fmt: skip
+    else:
+        put = subprocess.Popen(
+            _curl("-H", auth, *limit, "-T", str(payload), url),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+    try:
+        yield get, put
+    finally:
+        for proc in (get, put):
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+
+
+def finish(
+    procs: tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]],
+    payload: pathlib.Path,
+    out: pathlib.Path,
+    timeout: float = 60,
+) -> Transfer:
+    get, put = procs
+    put_out, _ = put.communicate(timeout=timeout)
+    get.communicate(timeout=timeout)
+    head = pathlib.Path(f"{out}.head")
+    node = None
+    if head.exists():
+        for line in head.read_text(errors="replace").splitlines():
+            if line.lower().startswith("x-fastrelay-node:"):
+                node = line.split(":", 1)[1].strip()
+    intact = out.exists() and _sha(out) == _sha(payload)
+    return Transfer(get.returncode, put.returncode, put_out.decode(errors="replace"), node, intact)
+
+
+def relay_once(
+    base: str, payload: pathlib.Path, out: pathlib.Path, *, chunked: bool, workspace: str = "ws"
+) -> Transfer:
+    status, answer = mint(base, workspace_id=workspace)
+    assert status == 201, answer
+    assert answer["upload_url"].startswith(base + "/relay/rly_")
+    url = answer["upload_url"]
+    with started_transfer(url, answer["ticket"], payload, out, chunked=chunked) as procs:
+        return finish(procs, payload, out)
+
+
+def _sha(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def ok(t: Transfer, size: int) -> bool:
+    return (
+        t.get_rc == 0
+        and t.put_rc == 0
+        and t.intact
+        and json.loads(t.put_answer) == {"bytes": size, "status": "ok"}
+    )
+
+
+# --- the tests -----------------------------------------------------------------------
+
+
+def test_300_relays_through_haproxy_all_intact_none_misrouted(
+    tmp_path: pathlib.Path, payloads: dict[int, pathlib.Path]
+) -> None:
+    with cluster_of(tmp_path) as c:
+        jobs = [(i, SIZES[i % len(SIZES)], i % 2 == 1) for i in range(300)]
+
+        def run(job: tuple[int, int, bool]) -> tuple[int, int, Transfer]:
+            i, size, chunked = job
+            out = tmp_path / f"out-{i}.bin"
+            t = relay_once(c.url, payloads[size], out, chunked=chunked)
+            out.unlink(missing_ok=True)
+            return i, size, t
+
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(run, jobs))
+        bad = [(i, size, t) for i, size, t in results if not ok(t, size)]
+        assert not bad, bad[:5]
+        per_node: dict[str, int] = {}
+        for _, _, t in results:
+            assert t.node is not None
+            per_node[t.node] = per_node.get(t.node, 0) + 1
+        assert sorted(per_node) == ["node1", "node2", "node3"], per_node
+        # No pair was split: every node ended exactly the relays it served, all ok.
+        for name, count in per_node.items():
+            node = c.node_by_name(name)
+            assert c.metric(node, 'fastrelay_relays_total{outcome="ok"}') == count
+            for outcome in ("expired", "upload_aborted", "download_aborted", "shutdown"):
+                assert c.metric(node, f'fastrelay_relays_total{{outcome="{outcome}"}}') == 0
+
+
+def test_a_ticket_minted_on_one_node_is_served_by_another_and_then_spent_everywhere(
+    tmp_path: pathlib.Path, payloads: dict[int, pathlib.Path]
+) -> None:
+    with cluster_of(tmp_path) as c:
+        a, b, _ = c.nodes
+        status, answer = mint(a.url)
+        assert status == 201
+        ticket = answer["ticket"]
+        url_b = f"{b.url}/relay/{ticket}"
+        out = tmp_path / "out.bin"
+        payload = payloads[1_048_576]
+        with started_transfer(url_b, ticket, payload, out, chunked=False) as procs:
+            assert ok(finish(procs, payload, out), payload.stat().st_size)
+        assert c.metric(b, 'fastrelay_relays_total{outcome="ok"}') == 1
+        assert c.metric(a, 'fastrelay_relays_total{outcome="ok"}') == 0
+        # Spent: 410 on every node, for either side, and through HAProxy.
+        for node in c.nodes:
+            for method in ("GET", "PUT"):
+                wait_for(
+                    lambda n=node, m=method: (
+                        request_status(m, f"{n.url}/relay/{ticket}", ticket) == 410
+                    ),
+                    5,
+                    f"{method} of the spent ticket on {node.url} to get 410",
+                )
+        assert request_status("GET", f"{c.url}/relay/{ticket}", ticket) == 410
+
+
+def test_the_workspace_cap_holds_across_nodes(
+    tmp_path: pathlib.Path, payloads: dict[int, pathlib.Path]
+) -> None:
+    with cluster_of(tmp_path, node_args=["--max-per-workspace", "3"]) as c:
+        tickets = []
+        for node in c.nodes:  # one mint on each node in turn
+            status, answer = mint(node.url, workspace_id="capped")
+            assert status == 201, answer
+            tickets.append(answer["ticket"])
+        for node in c.nodes:
+            status, answer = mint(node.url, workspace_id="capped")
+            assert (status, answer) == (
+                429,
+                {"error": "relay: workspace concurrent relay cap reached"},
+            )
+        assert mint(c.url, workspace_id="other")[0] == 201  # other workspaces are not held
+        # One relay ends (on whichever node HAProxy picks): its slot frees everywhere.
+        out = tmp_path / "out.bin"
+        with started_transfer(
+            f"{c.url}/relay/{tickets[0]}", tickets[0], payloads[777], out, chunked=False
+        ) as procs:
+            assert ok(finish(procs, payloads[777], out), 777)
+        wait_for(
+            lambda: mint(c.nodes[2].url, workspace_id="capped")[0] == 201,
+            5,
+            "the freed slot to be minted again",
+        )
+        assert mint(c.nodes[0].url, workspace_id="capped")[0] == 429
+
+
+def _wait_paired(c: Cluster, count: int) -> None:
+    def paired() -> bool:
+        active = sum(c.metric(n, "fastrelay_active_relays") for n in c.nodes)
+        waiting = sum(c.metric(n, "fastrelay_waiting_relays") for n in c.nodes)
+        return active == count and waiting == 0
+
+    wait_for(paired, 15, f"{count} relays to be paired")
+
+
+def test_kill_9_of_a_node_fails_only_its_transfers_visibly(
+    tmp_path: pathlib.Path, payloads: dict[int, pathlib.Path]
+) -> None:
+    payload = payloads[2_500_000]
+    size = payload.stat().st_size
+    with cluster_of(tmp_path) as c, contextlib.ExitStack() as stack:
+        running = []
+        for i in range(12):
+            status, answer = mint(c.url, workspace_id="before")
+            assert status == 201
+            out = tmp_path / f"k{i}.bin"
+            procs = stack.enter_context(
+                started_transfer(
+                    answer["upload_url"], answer["ticket"], payload, out,
+                    chunked=i % 2 == 1, rate="1M",
+                )
+            )  # fmt: skip
+            running.append((procs, out))
+        _wait_paired(c, 12)
+        served = {n.url: c.metric(n, "fastrelay_active_relays") for n in c.nodes}
+        victim_index = max(range(3), key=lambda i: served[c.nodes[i].url])
+        victim = c.nodes[victim_index]
+        victim_name = f"node{victim_index + 1}"
+        assert served[victim.url] > 0
+        victim.kill()
+        results = [finish(procs, payload, out) for procs, out in running]
+        on_victim = [t for t in results if t.node == victim_name]
+        elsewhere = [t for t in results if t.node != victim_name]
+        assert len(on_victim) == served[victim.url] and elsewhere
+        # Every transfer of the dead node failed, visibly to its receiver
+        # (curl 18 or 56, never a clean short file); the uploader too.
+        for t in on_victim:
+            assert t.get_rc in (18, 56) and not t.intact, t
+            assert t.put_rc != 0 or '"status":"ok"' not in t.put_answer, t
+        for t in elsewhere:
+            assert ok(t, size), t
+        # Once HAProxy marks it DOWN, new relays go to the two others and succeed.
+        c.proxy.wait_server_state("relay", victim_name, "DOWN", timeout=10)
+        for i in range(20):
+            t = relay_once(c.url, payloads[65_536], tmp_path / f"after{i}.bin", chunked=False)
+            assert ok(t, 65_536) and t.node != victim_name, t
+        # The dead node's slots in Redis free themselves (its lease ends).
+        wait_for(lambda: c.live_slots("before") == 0, 10, "the dead node's slots to free")
+
+
+def test_sigterm_drain_finishes_transfers_and_new_relays_go_elsewhere(
+    tmp_path: pathlib.Path, payloads: dict[int, pathlib.Path]
+) -> None:
+    payload = payloads[2_500_000]
+    size = payload.stat().st_size
+    args = ["--drain-grace", "2", "--drain-timeout", "30"]
+    with cluster_of(tmp_path, node_args=args) as c, contextlib.ExitStack() as stack:
+        running = []
+        for i in range(9):
+            status, answer = mint(c.url, workspace_id="draining")
+            assert status == 201
+            out = tmp_path / f"d{i}.bin"
+            procs = stack.enter_context(
+                started_transfer(
+                    answer["upload_url"], answer["ticket"], payload, out,
+                    chunked=i % 2 == 1, rate="1M",
+                )
+            )  # fmt: skip
+            running.append((procs, out))
+        _wait_paired(c, 9)
+        served = {n.url: c.metric(n, "fastrelay_active_relays") for n in c.nodes}
+        victim_index = max(range(3), key=lambda i: served[c.nodes[i].url])
+        victim, victim_name = c.nodes[victim_index], f"node{victim_index + 1}"
+        victim.terminate()
+        # New relays while the node drains: during its grace it still serves
+        # them (HAProxy has not yet taken it out), then they go elsewhere.
+        during = [
+            relay_once(c.url, payloads[1_048_576], tmp_path / f"n{i}.bin", chunked=i % 2 == 1)
+            for i in range(10)
+        ]
+        c.proxy.wait_server_state("relay", victim_name, "DOWN", timeout=10)
+        after = [
+            relay_once(c.url, payloads[1_048_576], tmp_path / f"m{i}.bin", chunked=False)
+            for i in range(10)
+        ]
+        # Every transfer in flight on the draining node finished intact.
+        for t in (finish(procs, payload, out) for procs, out in running):
+            assert ok(t, size), t
+        assert all(ok(t, 1_048_576) for t in during), during
+        assert all(ok(t, 1_048_576) and t.node != victim_name for t in after), after
+        assert victim.wait_exit(30) == 0
+        assert "outcome=shutdown" not in victim.stderr_text()
+
+
+def test_without_redis_mint_is_503_and_paired_transfers_complete(
+    tmp_path: pathlib.Path, payloads: dict[int, pathlib.Path]
+) -> None:
+    payload = payloads[2_500_000]
+    with cluster_of(tmp_path) as c:
+        status, answer = mint(c.url)
+        assert status == 201
+        spare_status, spare = mint(c.url)  # minted now, first used while Redis is away
+        assert spare_status == 201
+        out = tmp_path / "out.bin"
+        with started_transfer(
+            answer["upload_url"], answer["ticket"], payload, out, chunked=False, rate="1M"
+        ) as procs:
+            _wait_paired(c, 1)
+            c.redis.stop()
+            c.redis.wait_down()
+            started = time.monotonic()
+            assert mint(c.url) == (503, {"error": "cluster state unavailable"})
+            assert time.monotonic() - started < 5  # each node answers within its Redis timeout
+            # A first arrival needs the cluster's word too: 503, not a guess.
+            assert request_status("GET", spare["download_url"], spare["ticket"]) == 503
+            assert ok(finish(procs, payload, out), payload.stat().st_size)
+        down = [c.metric(n, "fastrelay_cluster_up") for n in c.nodes]
+        assert 0.0 in down
+        c.redis.start()
+        wait_for(lambda: mint(c.url)[0] == 201, 10, "minting to work again with Redis back")
