@@ -21,7 +21,7 @@ import socket
 import ssl as ssl_module
 import time
 from collections.abc import Awaitable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import logsafe, mint
 from .config import RelayConfig
@@ -35,11 +35,13 @@ from .ledger import TOO_MANY_PENDING
 from .metrics import make_registry, render_metrics
 from .observe import Metrics
 from .phases import Phase
-from .redis_ledger import RedisLedger
 from .registry import Minted, Registry
 from .signed_tickets import KeyFileError
 from .timer import LoopTimer
 from .tls import server_ssl_context
+
+if TYPE_CHECKING:
+    from .redis_ledger import RedisLedger
 
 log = logging.getLogger("fastrelay")
 
@@ -98,6 +100,7 @@ class RelayServer:
         self._drain_cut = asyncio.Event()
         self._server: asyncio.Server | None = None
         self.shared: RedisLedger | None = None
+        """The shared ledger this server attached to its registry (--redis-url)."""
         self.port = 0
         self.url = ""
         self.node_id = config.node_id or ""
@@ -127,6 +130,10 @@ class RelayServer:
         self.url = f"{scheme}://{shown}:{self.port}"
         self.node_id = self.config.node_id or f"{socket.gethostname()}:{self.port}"
         if self.config.redis_url:
+            # Imported here: redis-py costs ~0.1 s of start-up to every node
+            # that does not use it.
+            from .redis_ledger import RedisLedger
+
             self.shared = RedisLedger(
                 self.config.redis_url,
                 node_id=self.node_id,
