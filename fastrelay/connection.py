@@ -45,8 +45,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import struct
+import traceback
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
@@ -278,13 +280,19 @@ class HttpConnection(asyncio.BufferedProtocol):
             self._internal_error(exc)
 
     def _internal_error(self, exc: Exception) -> None:
+        # One line names the bug's place (the innermost frame); the whole
+        # traceback goes to DEBUG, so a bug is findable without flooding logs.
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else "?"
         log.error(
-            "internal error in %s while %s: %s: %s",
+            "internal error in %s while %s: %s at %s: %s",
             self.head.method if self.head else "connection",
             self.phase.value,
             type(exc).__name__,
+            where,
             logsafe.safe(exc),
         )
+        log.debug("internal error traceback", exc_info=exc)
         if self.phase in (Phase.READING_HEAD, Phase.READING_BODY, Phase.WAITING, Phase.CONSULTING):
             self._cancel_deadline()
             self._drop_consultation()
