@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import importlib.metadata
 import logging
 import math
@@ -429,6 +430,10 @@ async def serve(
             file=sys.stderr,
             flush=True,
         )
+    # Everything loaded so far lives as long as the process: keep it out of
+    # the cyclic collector's full passes (each one walked ~30,000 start-up
+    # objects, ~5 ms, for nothing).
+    gc.freeze()
     # Ready only once the handlers are in: a SIGTERM sent as soon as this
     # line is read must drain, not kill the process.
     print(f"fastrelay: listening on {server.url}", flush=True)

@@ -29,6 +29,10 @@ _COMPACT_FACTOR = 2
 _COMPACT_MIN = 1024
 
 
+def _nothing() -> None:
+    pass
+
+
 class Deadline:
     """One scheduled callback. ``cancel()`` is idempotent."""
 
@@ -44,6 +48,10 @@ class Deadline:
         if not self.cancelled:
             self.cancelled = True
             self._owner._cancelled += 1
+            # The entry stays in the heap until it surfaces or the heap is
+            # compacted; without its callback it no longer keeps the
+            # connection (or relay) it would have called alive meanwhile.
+            self.callback = _nothing
 
     def __repr__(self) -> str:
         state = "cancelled" if self.cancelled else f"at {self.when:.3f}"

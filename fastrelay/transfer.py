@@ -108,6 +108,7 @@ class Transfer:
         "_finished",
         "_framer",
         "_hasher",
+        "_head",
         "_kernel",
         "_kernel_pending",
         "_last_progress",
@@ -154,6 +155,8 @@ class Transfer:
         # body whose failure is a reset (RFC 9112 §6.3 rule 8).
         self._reframe = up_head.chunked and not download_http10
         self._buf: memoryview | None = None
+        self._head: bytes | None = None
+        """The download's response head until it is written (`_send`)."""
         self._pinned: list[memoryview] = []
         self._finished = False
         self._draining_tail = False
@@ -197,15 +200,19 @@ class Transfer:
         # promise chunks that never come.
         length = None if head.chunked else (head.content_length or 0)
         copied = [(name, value) for name in COPIED_HEADERS if (value := head.header(name))]
-        self.down_transport.write(
-            download_head(copied, length, close_delimited=head.chunked and not self._reframe)
+        # The head leaves with the first payload bytes when they are already
+        # here (a small upload often is whole): one write, one segment.
+        self._head = download_head(
+            copied, length, close_delimited=head.chunked and not self._reframe
         )
         if head.expect_continue and not body_prefix:
             self.up_transport.write(CONTINUE_100)
         self._arm_idle()
         if body_prefix:
             self._forward(memoryview(body_prefix))
-        elif self._framer.done:
+        if not self._finished:
+            self._send()  # the head alone, if no payload took it along
+        if not body_prefix and self._framer.done:
             self._upload_complete()
         if self._finished or self._draining_tail:
             return
@@ -312,7 +319,7 @@ class Transfer:
             )
         elif framer.done:
             if self._reframe:
-                self.down_transport.write(last_chunk(framer.trailer_fields()))
+                self._send(last_chunk(framer.trailer_fields()))
             self._upload_complete()
 
     def _write_payload(self, view: memoryview, runs: Runs, total: int) -> None:
@@ -325,15 +332,27 @@ class Transfer:
                 hasher.update(view[start:end])
         if len(runs) == 1 and not self._reframe:
             start, end = runs[0]
-            self.down_transport.write(view[start:end])
+            self._send(view[start:end])
             return
         parts: list[bytes | memoryview] = [b"%x\r\n" % total] if self._reframe else []
         parts.extend(view[start:end] for start, end in runs)
         if self._reframe:
             parts.append(_CRLF)
-        self.down_transport.writelines(parts)
+        self._send(*parts)
+
+    def _send(self, *parts: bytes | memoryview) -> None:
+        """Write ``parts`` to the download, after the head if it is still ours."""
+        head = self._head
+        if head is not None:
+            self._head = None
+            parts = (head, *parts)
+        if len(parts) == 1:
+            self.down_transport.write(parts[0])
+        elif parts:
+            self.down_transport.writelines(parts)
 
     def _upload_complete(self) -> None:
+        self._send()  # an empty body still has its head
         self.up_gate.pause()
         if self.pins_buffers and self.down_transport.get_write_buffer_size():
             self._draining_tail = True  # resume_writing finishes it

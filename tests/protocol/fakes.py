@@ -27,8 +27,10 @@ class FakeTransport:
             self.views.append(data)
 
     def writelines(self, parts: list[bytes | memoryview]) -> None:
-        for p in parts:
-            self.write(p)
+        # One entry, like the one writev it is.
+        assert not self.closed, "write after close"
+        self.written.append(b"".join(bytes(p) for p in parts))
+        self.views.extend(p for p in parts if isinstance(p, memoryview))
 
     def get_write_buffer_size(self) -> int:
         return self.pending

@@ -325,3 +325,37 @@ def test_tls_download_tail_unread_past_the_idle_timeout_is_aborted() -> None:
         assert gt.aborted
 
     run(main)
+
+
+def test_a_whole_small_upload_leaves_in_one_write_with_the_head() -> None:
+    async def main() -> None:
+        server = make_server()
+        relay = server.registry.create("w", "s", "d")
+        get, gt = connect(server)
+        gt.feed(get_head(relay.ticket))
+        put, pt = connect(server)
+        pt.feed(put_head(relay.ticket, 5) + b"hello")
+        assert relay.outcome is Outcome.OK
+        [only] = gt.written  # head and body together
+        assert only.startswith(b"HTTP/1.1 200 OK\r\n") and only.endswith(b"\r\n\r\nhello")
+
+    run(main)
+
+
+def test_an_empty_body_still_gets_its_head() -> None:
+    async def main() -> None:
+        server = make_server()
+        for length, extra in ((0, b"pipelined junk"), (None, b"0\r\n\r\n")):
+            relay = server.registry.create("w", "s", "d")
+            get, gt = connect(server)
+            gt.feed(get_head(relay.ticket))
+            put, pt = connect(server)
+            pt.feed(put_head(relay.ticket, length) + extra)
+            assert relay.outcome is Outcome.OK
+            assert gt.data.startswith(b"HTTP/1.1 200 OK\r\n"), gt.data
+            if length is None:
+                assert gt.data.endswith(b"\r\n\r\n0\r\n\r\n")
+            else:
+                assert b"Content-Length: 0\r\n" in gt.data and gt.data.endswith(b"\r\n\r\n")
+
+    run(main)

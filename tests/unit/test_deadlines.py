@@ -50,3 +50,21 @@ def test_loop_timer_runs_due_callbacks_on_a_fake_clock() -> None:
     now[0] = 10.0
     timer.run_due()
     assert fired == [4.0, 10.0]
+
+
+def test_a_cancelled_deadline_no_longer_holds_its_callbacks_owner() -> None:
+    import gc
+    import weakref
+
+    class Owner:
+        def fire(self) -> None:
+            raise AssertionError("cancelled")
+
+    heap = Deadlines()
+    owner = Owner()
+    ref = weakref.ref(owner)
+    heap.add(10.0, owner.fire).cancel()  # still in the heap, not yet compacted
+    del owner
+    gc.collect()
+    assert ref() is None
+    assert heap.pop_due(20.0) == []

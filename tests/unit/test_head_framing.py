@@ -10,12 +10,14 @@ cut, a request h11 never saw, any other exception) is a smuggling hole.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import h11
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from fastrelay import heads
 from fastrelay.errors import RelayError
 from fastrelay.heads import find_head_end, parse_head
 
@@ -176,3 +178,22 @@ def test_the_observed_smuggling_streams_are_framed_like_h11() -> None:
     )
     end = find_head_end(put, MAX_HEAD)
     assert end is not None and put[end : end + 10] == b"0123456789"
+
+
+def _outcome(read: Callable[[bytes], tuple[h11.Request | None, bool]], raw: bytes) -> object:
+    try:
+        request, left_over = read(raw)
+    except h11.ProtocolError as exc:
+        return ("error", exc.error_status_hint)
+    if request is None:
+        return ("need data", left_over)
+    return (request.method, request.target, request.http_version, list(request.headers), left_over)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(streams)
+def test_h11s_request_reader_and_its_connection_agree_on_every_head(stream: bytes) -> None:
+    # parse_head runs h11's request reader without the Connection around it
+    # (faster); on any bytes it must give what the public API gives.
+    assert heads.h11_request is not heads.h11_request_via_connection  # the fast path is in use
+    assert _outcome(heads.h11_request, stream) == _outcome(heads.h11_request_via_connection, stream)
