@@ -9,6 +9,8 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -377,3 +379,126 @@ def test_json_log_format() -> None:
     [created] = [r for r in records if r["event"] == "relay_created"]
     assert created["workspace"] == "w\u00e9" and len(created["id"]) == 12
     assert err.isascii()  # non-ASCII ids come out as JSON escapes
+
+
+# --- ticket keys (--ticket-key-file) -------------------------------------------------
+
+KEY_A = "key-a-" + "a" * 40
+KEY_B = "key-b-" + "b" * 40
+
+KEY_FILE_CASES = {
+    "missing": (None, "cannot read {path}: No such file or directory"),
+    "empty": ("# only a comment\n\n", "{path} holds no key"),
+    "short": ("too-short\n", "{path} key 1 is 9 bytes; keys must be at least 32"),
+}
+
+
+@pytest.mark.parametrize("case", KEY_FILE_CASES)
+def test_bad_ticket_key_file_is_one_line_and_exit_2(tmp_path: pathlib.Path, case: str) -> None:
+    content, expected = KEY_FILE_CASES[case]
+    path = tmp_path / "keys"
+    if content is not None:
+        path.write_text(content)
+    proc = serve(
+        "--port", "0", "--ticket-key-file", str(path), env={"FASTRELAY_SHARED_SECRET": "x"}
+    )
+    line = one_error_line(proc)
+    assert line.startswith(f"fastrelay: error: --ticket-key-file {expected.format(path=path)}")
+    assert KEY_A not in line
+
+
+def _mint(url: str) -> str:
+    req = urllib.request.Request(
+        url + "/api/exec-gateway/relay/create",
+        data=b'{"workspace_id":"w","source_exe_id":"s","dest_exe_id":"d"}',
+        headers={"Authorization": "Bearer x"},
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return str(json.loads(resp.read())["ticket"])
+
+
+def _waiting_sides(url: str) -> float:
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith("fastrelay_waiting_sides "):
+                return float(line.split()[1])
+    raise AssertionError("no fastrelay_waiting_sides in /metrics")
+
+
+def _accepted(url: str, ticket: str) -> bool:
+    """Whether a GET of ``ticket`` is taken (it waits for its PUT) rather than refused."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            f"GET /relay/{ticket} HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {ticket}\r\n\r\n".encode()
+        )
+        sock.setblocking(False)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if _waiting_sides(url) == 1:
+                accepted = True
+                break
+            try:
+                if sock.recv(100):
+                    accepted = False  # answered at once: refused
+                    break
+            except BlockingIOError:
+                pass
+            time.sleep(0.01)  # a poll interval, not an ordering
+        else:
+            raise AssertionError("the GET was neither refused nor waiting")
+    while _waiting_sides(url) != 0:  # it leaves once we hang up
+        time.sleep(0.01)
+    return accepted
+
+
+def _wait_log(proc: subprocess.Popen[str], needle: str) -> str:
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:  # blocks until the line comes (or the process dies)
+        seen.append(line)
+        if needle in line:
+            return line
+    raise AssertionError(f"{needle!r} never logged: {seen}")
+
+
+def test_sighup_rotates_ticket_keys_without_downtime(tmp_path: pathlib.Path) -> None:
+    from fastrelay.signed_tickets import TicketClaims, TicketKeys
+
+    keys = tmp_path / "keys"
+    keys.write_text(KEY_A + "\n")
+    keys.chmod(0o600)
+    proc = serve(
+        "--port", "0", "--ticket-key-file", str(keys), env={"FASTRELAY_SHARED_SECRET": "x"}
+    )
+    try:
+        url = ready_url(proc)
+        old = _mint(url)
+        assert TicketKeys.parse(KEY_A).verify(old) is not None
+        # 1. the new key verifies too; 2. it signs; the old one still verifies.
+        keys.write_text(f"{KEY_B}\n{KEY_A}\n")
+        proc.send_signal(signal.SIGHUP)
+        assert "(2 key(s))" in _wait_log(proc, "ticket keys reloaded")
+        new = _mint(url)
+        assert TicketKeys.parse(KEY_B).verify(new) is not None
+        assert TicketKeys.parse(KEY_A).verify(new) is None
+        assert _accepted(url, old)  # still served: the GET waits for its PUT
+        # A broken file is refused; the keys in force stay.
+        keys.write_text("short\n")
+        proc.send_signal(signal.SIGHUP)
+        assert "keeping the old keys" in _wait_log(proc, "ticket key reload failed")
+        assert TicketKeys.parse(KEY_B).verify(_mint(url)) is not None
+        # 3. the old key is dropped: its tickets are refused.
+        keys.write_text(KEY_B + "\n")
+        proc.send_signal(signal.SIGHUP)
+        assert "(1 key(s))" in _wait_log(proc, "ticket keys reloaded")
+        assert _accepted(url, _mint(url))
+        signed_by_old_key = TicketKeys.parse(KEY_A).sign(
+            TicketClaims.new("w", "s", "d", max_bytes=0, expires_ms=2**62)
+        )
+        assert not _accepted(url, signed_by_old_key)
+    finally:
+        rc, err = stop(proc)
+    assert rc == 0
+    assert KEY_A not in err and KEY_B not in err
