@@ -23,6 +23,10 @@ import json
 TEXT = "text/plain; charset=utf-8"
 JSON = "application/json"
 
+COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
+"""Go's encoding/json shape (no spaces). One encoder for every answer:
+json.dumps with options builds a new one per call."""
+
 
 class RelayError(Exception):
     """Root of every error fastrelay reports. ``status`` is the HTTP meaning."""
@@ -36,7 +40,7 @@ class RelayError(Exception):
 
     def body(self) -> bytes:
         """The exact response body for this error."""
-        return json.dumps({"error": self.message}, separators=(",", ":")).encode()
+        return COMPACT_JSON.encode({"error": self.message}).encode()
 
 
 class TextError(RelayError):
@@ -187,9 +191,7 @@ class TransferError(RelayError):
     def body(self) -> bytes:
         # The seed formats this by hand ({"bytes":N,"error":%q}); a JSON
         # encoder gives the same bytes for our ASCII messages.
-        return json.dumps(
-            {"bytes": self.forwarded, "error": self.message}, separators=(",", ":")
-        ).encode()
+        return COMPACT_JSON.encode({"bytes": self.forwarded, "error": self.message}).encode()
 
 
 class PayloadTooLarge(TransferError):

@@ -25,7 +25,7 @@ import json
 import re
 from typing import Any, NoReturn
 
-from .errors import InvalidField, InvalidJSON, MintUnauthorized, MissingIds
+from .errors import COMPACT_JSON, InvalidField, InvalidJSON, MintUnauthorized, MissingIds
 from .tickets import extract_bearer_ticket
 
 _MAX_INT64 = 2**63 - 1
@@ -94,7 +94,8 @@ def _reject_constant(name: str) -> NoReturn:
     raise ValueError(name)
 
 
-# One decoder for every mint (json.loads with options builds one per call).
+# One decoder for every mint: json.loads with options builds one per call
+# (measurable on small relays).
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
@@ -176,4 +177,4 @@ def mint_response_body(ticket: str, base_url: str, expires_at_rfc3339: str) -> b
         "download_url": url,
         "expires_at": expires_at_rfc3339,
     }
-    return json.dumps(doc, separators=(",", ":")).encode() + b"\n"
+    return COMPACT_JSON.encode(doc).encode() + b"\n"

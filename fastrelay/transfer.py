@@ -50,13 +50,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 from typing import TYPE_CHECKING, Protocol
 
 from .chunked import ChunkError
 from .config import RelayConfig
 from .deadlines import Deadline
 from .errors import (
+    COMPACT_JSON,
     DownloadAborted,
     IdleTimeout,
     PayloadTooLarge,
@@ -435,7 +435,7 @@ class Transfer:
             answer["sha256"] = self.relay.digest = self._hasher.hexdigest()
         self.relay.finish(Input.UPLOAD_COMPLETE, None)
         self.down.transfer_ended(None, True)
-        body = json.dumps(answer, separators=(",", ":"))
+        body = COMPACT_JSON.encode(answer)
         self.up.transfer_ended(
             simple_response(200, "application/json", body.encode(), close=True), True
         )

@@ -185,3 +185,16 @@ def test_any_bytes_give_a_head_or_a_relay_error(data: bytes) -> None:
             route(parse_head(data[:end]))
     except RelayError as err:
         assert 400 <= err.status < 600
+
+
+@pytest.mark.parametrize("byte", [b"\x00", b"\x01", b"\x08", b"\x0e", b"\x1b", b"\x1f", b"\x7f"])
+def test_control_bytes_in_a_value_are_refused(byte: bytes) -> None:
+    raw = b"GET /healthz HTTP/1.1\r\nHost: h\r\nX-A: a" + byte + b"b\r\n\r\n"
+    with pytest.raises(BadRequest) as exc:
+        parse_head(raw)
+    assert exc.value.status == 400
+
+
+def test_tab_and_obs_text_in_a_value_are_fine() -> None:
+    head = parse_head(b"GET /healthz HTTP/1.1\r\nHost: h\r\nX-A: a\tb \xe9\r\n\r\n")
+    assert head.header("x-a") == "a\tb \xe9"
