@@ -26,7 +26,7 @@ log = logging.getLogger("fastrelay")
 _LOG_LIMIT = MAX_ID_BYTES
 
 
-def _ids(relay: Minted) -> tuple[str, str, str]:
+def _ids(relay: TicketIds) -> tuple[str, str, str]:
     return (
         safe(relay.workspace_id, _LOG_LIMIT),
         safe(relay.source_exe_id, _LOG_LIMIT),
@@ -34,7 +34,9 @@ def _ids(relay: Minted) -> tuple[str, str, str]:
     )
 
 
-class Finished(Protocol):
+class TicketIds(Protocol):
+    """What the log says of any ticket: its id and the three ids it serves."""
+
     @property
     def ticket(self) -> str: ...
     @property
@@ -43,6 +45,9 @@ class Finished(Protocol):
     def source_exe_id(self) -> str: ...
     @property
     def dest_exe_id(self) -> str: ...
+
+
+class Finished(TicketIds, Protocol):
     @property
     def bytes(self) -> int: ...
     @property
@@ -88,7 +93,7 @@ def _cut(value: object) -> str:
     return f"{text[:_LOG_LIMIT]}…(+{len(text) - _LOG_LIMIT} chars)"
 
 
-def _id_fields(relay: Minted) -> dict[str, object]:
+def _id_fields(relay: TicketIds) -> dict[str, object]:
     return {
         "id": ticket_id(relay.ticket),
         "workspace": _cut(relay.workspace_id),
@@ -97,18 +102,7 @@ def _id_fields(relay: Minted) -> dict[str, object]:
     }
 
 
-class Minted(Protocol):
-    @property
-    def ticket(self) -> str: ...
-    @property
-    def workspace_id(self) -> str: ...
-    @property
-    def source_exe_id(self) -> str: ...
-    @property
-    def dest_exe_id(self) -> str: ...
-
-
-def log_created(relay: Minted, ttl_s: float, max_bytes: int) -> None:
+def log_created(relay: TicketIds, ttl_s: float, max_bytes: int) -> None:
     """One line per ticket minted (a signed ticket's relay opens later,
     wherever its first side arrives)."""
     if log.isEnabledFor(logging.INFO):
