@@ -406,6 +406,11 @@ def test_kill_9_of_a_node_fails_only_its_transfers_visibly(
             assert t.put_rc != 0 or '"status":"ok"' not in t.put_answer, t
         for t in elsewhere:
             assert ok(t, size), t
+        print(
+            f"\nnode loss: {len(on_victim)} of {len(results)} transfers were on the killed node;"
+            f" GET exit codes {sorted(t.get_rc for t in on_victim)} (all visible failures);"
+            f" the other {len(elsewhere)} completed intact"
+        )
         # Once HAProxy marks it DOWN, new relays go to the two others and succeed.
         c.proxy.wait_server_state("relay", victim_name, "DOWN", timeout=10)
         for i in range(20):
