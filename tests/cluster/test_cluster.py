@@ -202,8 +202,9 @@ def started_transfer(
 ) -> Iterator[tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]]:
     """A GET and a PUT under way (the GET first); both reaped on the way out."""
     auth = f"Authorization: Bearer {ticket}"
+    # -f: an error answer (408, 410, 421, 503 ...) is a non-zero exit too.
     get = subprocess.Popen(
-        _curl("-H", auth, "-o", str(out), "-D", f"{out}.head", url),
+        _curl("-f", "-H", auth, "-o", str(out), "-D", f"{out}.head", url),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     limit = ["--limit-rate", rate] if rate else []
@@ -262,11 +263,12 @@ def _sha(path: pathlib.Path) -> str:
 
 
 def ok(t: Transfer, size: int) -> bool:
+    try:
+        answer = json.loads(t.put_answer)
+    except ValueError:
+        return False
     return (
-        t.get_rc == 0
-        and t.put_rc == 0
-        and t.intact
-        and json.loads(t.put_answer) == {"bytes": size, "status": "ok"}
+        t.get_rc == 0 and t.put_rc == 0 and t.intact and answer == {"bytes": size, "status": "ok"}
     )
 
 
@@ -446,6 +448,10 @@ def test_sigterm_drain_finishes_transfers_and_new_relays_go_elsewhere(
         victim.terminate()
         # New relays while the node drains: during its grace it still serves
         # them (HAProxy has not yet taken it out), then they go elsewhere.
+        # The relays run one after the other, so at most one can straddle
+        # the moment HAProxy takes the node out (its GET there, its PUT
+        # elsewhere): that one must fail visibly and at once (421 for the
+        # PUT, 503 for the GET at the end of the grace), never hang or lie.
         during = [
             relay_once(c.url, payloads[1_048_576], tmp_path / f"n{i}.bin", chunked=i % 2 == 1)
             for i in range(10)
@@ -458,7 +464,10 @@ def test_sigterm_drain_finishes_transfers_and_new_relays_go_elsewhere(
         # Every transfer in flight on the draining node finished intact.
         for t in (finish(procs, payload, out) for procs, out in running):
             assert ok(t, size), t
-        assert all(ok(t, 1_048_576) for t in during), during
+        succeeded = [t for t in during if ok(t, 1_048_576)]
+        assert len(succeeded) >= len(during) - 1, during
+        for t in during:
+            assert t in succeeded or (t.get_rc != 0 and not t.intact), t
         assert all(ok(t, 1_048_576) and t.node != victim_name for t in after), after
         assert victim.wait_exit(30) == 0
         assert "outcome=shutdown" not in victim.stderr_text()
