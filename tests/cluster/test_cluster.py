@@ -465,6 +465,12 @@ def test_sigterm_drain_finishes_transfers_and_new_relays_go_elsewhere(
         for t in (finish(procs, payload, out) for procs, out in running):
             assert ok(t, size), t
         succeeded = [t for t in during if ok(t, 1_048_576)]
+        print(
+            f"\ndrain: {len(running)} transfers in flight, {served[victim.url]:.0f} on the draining"
+            f" node, all finished; {len(during)} relays sent meanwhile,"
+            f" {sum(t.node == victim_name for t in succeeded)} served by the draining node,"
+            f" {len(during) - len(succeeded)} failed visibly; {len(after)} after DOWN all elsewhere"
+        )
         assert len(succeeded) >= len(during) - 1, during
         for t in during:
             assert t in succeeded or (t.get_rc != 0 and not t.intact), t
