@@ -28,7 +28,8 @@ share:
 Decisions (`reserve`, `admit`) are awaited by the request that needs them,
 bounded by ``redis_timeout_s``; if Redis cannot answer, the request gets 503
 "cluster state unavailable" and nothing else changes. Records (`paired`,
-`ended`) run in the background and never touch the transfer they describe;
+`ended`) run in the background and never touch the transfer they describe.
+All calls made in one loop iteration leave together as one pipeline;
 an `ended` that fails is kept (bounded) and sent again with the next
 heartbeat, and the node's own `LocalLedger` remembers spent tickets anyway.
 Transfers already paired never wait for Redis.
@@ -41,13 +42,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from . import logsafe
 from .errors import ClusterUnavailable, MintDisabled, WorkspaceCapReached
@@ -150,7 +151,14 @@ return 'ok'
 
 
 class RedisLedger:
-    """`ledger.SharedLedger` on redis-py's asyncio client."""
+    """`ledger.SharedLedger` on redis-py's asyncio client.
+
+    Every script call goes through `_call`, which queues it; once per loop
+    iteration the queue leaves as one pipeline on one connection. Measured
+    here: ~140 us of CPU for one standalone redis-py call, ~30-50 us each in
+    a pipeline of 8-32, so under load (many relays minting, arriving and
+    ending at once) the shared ledger costs a fraction of a round trip each.
+    """
 
     def __init__(
         self,
@@ -161,6 +169,7 @@ class RedisLedger:
         max_pending: int,
         lease_s: float,
         timeout_s: float,
+        max_connections: int = 16,
     ) -> None:
         self.node_id = node_id
         self.max_per_workspace = max_per_workspace
@@ -168,19 +177,26 @@ class RedisLedger:
         self.lease_ms = round(lease_s * 1000)
         self.timeout_s = timeout_s
         # No retries inside redis-py: a request waits at most timeout_s, and
-        # background records are retried by the heartbeat instead.
-        self.client = aioredis.Redis.from_url(
+        # background records are retried by the heartbeat instead. A burst
+        # waits for one of max_connections (pipelines in flight at once)
+        # rather than failing.
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=max_connections,
+            timeout=timeout_s,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
         )
+        self.client = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
         self._reserve = self.client.register_script(RESERVE)
         self._admit = self.client.register_script(ADMIT)
         self._paired = self.client.register_script(PAIRED)
         self._ended = self.client.register_script(ENDED)
         self._refresh = self.client.register_script(REFRESH)
+        self._queue: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]] = []
+        self._flush_soon = False
         self._background: set[asyncio.Task[Any]] = set()
         self._unsent_ends: dict[str, tuple[str, int, bool]] = {}
         self._refreshing = False
@@ -221,7 +237,7 @@ class RedisLedger:
     async def _decide(self, script: Any, keys: list[str], args: list[Any]) -> bytes:
         try:
             async with asyncio.timeout(self.timeout_s):
-                verdict = await script(keys=keys, args=args)
+                verdict = await self._call(script, keys, args)
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed(exc)
             raise ClusterUnavailable() from None
@@ -231,18 +247,32 @@ class RedisLedger:
     # --- records (background) ------------------------------------------------------
 
     def paired(self, key: str, workspace_id: str) -> None:
-        self._spawn(
-            lambda: self._paired(
-                keys=[_ws(workspace_id), PREFIX + "pending"], args=[key, self.lease_ms]
-            )
+        self._record(
+            self._call(self._paired, [_ws(workspace_id), PREFIX + "pending"], [key, self.lease_ms])
         )
 
     def ended(self, key: str, workspace_id: str, expires_ms: int, signed: bool) -> None:
         record = (workspace_id, expires_ms, signed)
-        self._spawn(
-            lambda: self._ended(*self._end_call(key, record)),
+        self._record(
+            self._call(self._ended, *self._end_call(key, record)),
             on_error=lambda: self._keep_end(key, record),
         )
+
+    def _record(
+        self, future: asyncio.Future[Any], on_error: Callable[[], None] | None = None
+    ) -> None:
+        """Count the outcome of a background call; nobody awaits it."""
+
+        def done(f: asyncio.Future[Any]) -> None:
+            exc = None if f.cancelled() else f.exception()
+            if exc is None:
+                self._succeeded()
+                return
+            self._failed(exc)
+            if on_error is not None:
+                on_error()
+
+        future.add_done_callback(done)
 
     def _end_call(self, key: str, record: tuple[str, int, bool]) -> tuple[list[str], list[Any]]:
         workspace_id, expires_ms, signed = record
@@ -261,59 +291,84 @@ class RedisLedger:
         unsent[key] = record
 
     def refresh(self, holdings: list[Holding]) -> None:
+        """Heartbeat: the ends Redis missed, then every lease and running slot."""
         if self._refreshing:
             return  # the last heartbeat is still out: Redis is slow or away
+        unsent, self._unsent_ends = self._unsent_ends, {}
+        for key, (workspace_id, expires_ms, signed) in unsent.items():
+            self.ended(key, workspace_id, expires_ms, signed)  # kept again if it fails
+        beats = [
+            self._call(
+                self._refresh,
+                [_ws(h.workspace_id), PREFIX + "owner:" + h.key],
+                [h.key, self.node_id, self.lease_ms, int(h.paired), int(h.signed)],
+            )
+            for h in holdings
+        ]
+        if not beats:
+            return
         self._refreshing = True
-        self._spawn(lambda: self._heartbeat(holdings), done=self._refreshed)
+        # One pipeline carries them all: its outcome is counted once.
+        for beat in beats[:-1]:
+            beat.add_done_callback(_retrieve)
+        self._record(beats[-1])
+        beats[-1].add_done_callback(self._refreshed)
 
-    def _refreshed(self) -> None:
+    def _refreshed(self, _: asyncio.Future[Any]) -> None:
         self._refreshing = False
 
-    async def _heartbeat(self, holdings: list[Holding]) -> None:
-        """One pipeline: the ends Redis missed, then every lease and running slot."""
-        unsent, self._unsent_ends = self._unsent_ends, {}
-        try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for key, record in unsent.items():
-                    await self._ended(*self._end_call(key, record), client=pipe)
-                for h in holdings:
-                    await self._refresh(
-                        keys=[_ws(h.workspace_id), PREFIX + "owner:" + h.key],
-                        args=[h.key, self.node_id, self.lease_ms, int(h.paired), int(h.signed)],
-                        client=pipe,
-                    )
-                await pipe.execute()
-        except BaseException:
-            for key, record in unsent.items():
-                self._unsent_ends.setdefault(key, record)
-            raise
+    # --- one pipeline per loop iteration -------------------------------------------
 
-    def _spawn(
-        self,
-        call: Callable[[], Awaitable[Any]],
-        *,
-        on_error: Callable[[], None] | None = None,
-        done: Callable[[], None] | None = None,
-    ) -> None:
-        """Run ``call`` in the background, within one heartbeat interval."""
+    def _call(self, script: Any, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        """Queue one script call; its future resolves when its pipeline returns."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((script, keys, args, future))
+        if not self._flush_soon:
+            self._flush_soon = True
+            loop.call_soon(self._flush)
+        return future
 
-        async def run() -> None:
-            try:
-                async with asyncio.timeout(self.refresh_interval_s):
-                    await call()
-            except (RedisError, OSError, TimeoutError) as exc:
-                self._failed(exc)
-                if on_error is not None:
-                    on_error()
-            else:
-                self._succeeded()
-            finally:
-                if done is not None:
-                    done()
-
-        task = asyncio.get_running_loop().create_task(run())
+    def _flush(self) -> None:
+        self._flush_soon = False
+        batch, self._queue = self._queue, []
+        task = asyncio.get_running_loop().create_task(self._send(batch))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _send(
+        self, batch: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]]
+    ) -> None:
+        try:
+            # Bounded even if a connection hangs: one heartbeat interval.
+            async with asyncio.timeout(self.refresh_interval_s):
+                if len(batch) == 1:  # alone: a plain call costs less than a pipeline
+                    script, keys, args, _ = batch[0]
+                    try:
+                        results = [await script(keys=keys, args=args)]
+                    except ResponseError as exc:  # the script's own error, not the link's
+                        results = [exc]
+                else:
+                    async with self.client.pipeline(transaction=False) as pipe:
+                        for script, keys, args, _ in batch:
+                            await script(keys=keys, args=args, client=pipe)
+                        results = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError, TimeoutError) as exc:
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        except asyncio.CancelledError:
+            for *_, future in batch:
+                future.cancel()
+            raise
+        for (*_, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue  # its waiter gave up (timeout) or went away
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
 
     # --- health ------------------------------------------------------------------------
 
@@ -342,6 +397,12 @@ class RedisLedger:
 
     def __repr__(self) -> str:
         return f"<RedisLedger node={self.node_id} up={self.up}>"
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a future's exception as seen (its batch's outcome is counted elsewhere)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _ws(workspace_id: str) -> str:
