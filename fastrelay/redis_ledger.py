@@ -48,7 +48,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from . import logsafe
 from .errors import ClusterUnavailable, MintDisabled, WorkspaceCapReached
@@ -195,6 +195,7 @@ class RedisLedger:
         self._paired = self.client.register_script(PAIRED)
         self._ended = self.client.register_script(ENDED)
         self._refresh = self.client.register_script(REFRESH)
+        self._scripts = (self._reserve, self._admit, self._paired, self._ended, self._refresh)
         self._queue: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]] = []
         self._flush_soon = False
         self._background: set[asyncio.Task[Any]] = set()
@@ -342,17 +343,12 @@ class RedisLedger:
         try:
             # Bounded even if a connection hangs: one heartbeat interval.
             async with asyncio.timeout(self.refresh_interval_s):
-                if len(batch) == 1:  # alone: a plain call costs less than a pipeline
-                    script, keys, args, _ = batch[0]
-                    try:
-                        results = [await script(keys=keys, args=args)]
-                    except ResponseError as exc:  # the script's own error, not the link's
-                        results = [exc]
-                else:
-                    async with self.client.pipeline(transaction=False) as pipe:
-                        for script, keys, args, _ in batch:
-                            await script(keys=keys, args=args, client=pipe)
-                        results = await pipe.execute(raise_on_error=False)
+                results = await self._evalsha(batch)
+                if any(isinstance(r, NoScriptError) for r in results):
+                    # Redis lost its script cache (restarted): load, send again.
+                    for script in self._scripts:
+                        await self.client.script_load(script.script)
+                    results = await self._evalsha(batch)
         except (RedisError, OSError, TimeoutError) as exc:
             for *_, future in batch:
                 if not future.done():
@@ -369,6 +365,22 @@ class RedisLedger:
                 future.set_exception(result)
             else:
                 future.set_result(result)
+
+    async def _evalsha(
+        self, batch: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]]
+    ) -> list[Any]:
+        """Run the batch by script digest: one round trip (redis-py's own
+        script pipelines first ask SCRIPT EXISTS, a second one each time)."""
+        if len(batch) == 1:  # alone: a plain call costs less than a pipeline
+            script, keys, args, _ = batch[0]
+            try:
+                return [await self.client.evalsha(script.sha, len(keys), *keys, *args)]
+            except ResponseError as exc:  # the script's own error (or NOSCRIPT), not the link's
+                return [exc]
+        async with self.client.pipeline(transaction=False) as pipe:
+            for script, keys, args, _ in batch:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            return list(await pipe.execute(raise_on_error=False))
 
     # --- health ------------------------------------------------------------------------
 
