@@ -4,5 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 .venv/bin/python -m bench.load --quick --json bench/results/ci-quick.json
+# The cluster setups (real haproxy, redis-server, nodes), tiny sizes: integrity only.
+.venv/bin/python -m bench.cluster --quick --json bench/results/ci-cluster-quick.json
 FASTRELAY_BENCH_BYTES=$((8 * 1024 * 1024)) .venv/bin/python -m pytest bench/ -q -p no:cacheprovider \
     --benchmark-json=bench/results/ci-pytest-benchmark.json
