@@ -372,35 +372,51 @@ def _wait_paired(c: Cluster, count: int) -> None:
     wait_for(paired, 15, f"{count} relays to be paired")
 
 
+def start_in_flight(
+    c: Cluster,
+    stack: contextlib.ExitStack,
+    payload: pathlib.Path,
+    count: int,
+    workspace: str,
+) -> list[tuple[tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]], pathlib.Path]]:
+    """``count`` rate-limited transfers through HAProxy, returned once all are paired."""
+    running = []
+    for i in range(count):
+        status, answer = mint(c.url, workspace_id=workspace)
+        assert status == 201
+        out = c.tmp / f"{workspace}-{i}.bin"
+        procs = stack.enter_context(
+            started_transfer(
+                answer["upload_url"], answer["ticket"], payload, out,
+                chunked=i % 2 == 1, rate="1M",
+            )
+        )  # fmt: skip
+        running.append((procs, out))
+    _wait_paired(c, count)
+    return running
+
+
+def busiest_node(c: Cluster) -> tuple[Node, str, int]:
+    """The node serving the most relays now: (node, HAProxy's name for it, count)."""
+    served = [int(c.metric(n, "fastrelay_active_relays")) for n in c.nodes]
+    i = max(range(len(c.nodes)), key=lambda k: served[k])
+    assert served[i] > 0
+    return c.nodes[i], f"node{i + 1}", served[i]
+
+
 def test_kill_9_of_a_node_fails_only_its_transfers_visibly(
     tmp_path: pathlib.Path, payloads: dict[int, pathlib.Path]
 ) -> None:
     payload = payloads[2_500_000]
     size = payload.stat().st_size
     with cluster_of(tmp_path) as c, contextlib.ExitStack() as stack:
-        running = []
-        for i in range(12):
-            status, answer = mint(c.url, workspace_id="before")
-            assert status == 201
-            out = tmp_path / f"k{i}.bin"
-            procs = stack.enter_context(
-                started_transfer(
-                    answer["upload_url"], answer["ticket"], payload, out,
-                    chunked=i % 2 == 1, rate="1M",
-                )
-            )  # fmt: skip
-            running.append((procs, out))
-        _wait_paired(c, 12)
-        served = {n.url: c.metric(n, "fastrelay_active_relays") for n in c.nodes}
-        victim_index = max(range(3), key=lambda i: served[c.nodes[i].url])
-        victim = c.nodes[victim_index]
-        victim_name = f"node{victim_index + 1}"
-        assert served[victim.url] > 0
+        running = start_in_flight(c, stack, payload, 12, "before")
+        victim, victim_name, held = busiest_node(c)
         victim.kill()
         results = [finish(procs, payload, out) for procs, out in running]
         on_victim = [t for t in results if t.node == victim_name]
         elsewhere = [t for t in results if t.node != victim_name]
-        assert len(on_victim) == served[victim.url] and elsewhere
+        assert len(on_victim) == held and elsewhere
         # Every transfer of the dead node failed, visibly to its receiver
         # (curl 18 or 56, never a clean short file); the uploader too.
         for t in on_victim:
@@ -429,22 +445,8 @@ def test_sigterm_drain_finishes_transfers_and_new_relays_go_elsewhere(
     size = payload.stat().st_size
     args = ["--drain-grace", "2", "--drain-timeout", "30"]
     with cluster_of(tmp_path, node_args=args) as c, contextlib.ExitStack() as stack:
-        running = []
-        for i in range(9):
-            status, answer = mint(c.url, workspace_id="draining")
-            assert status == 201
-            out = tmp_path / f"d{i}.bin"
-            procs = stack.enter_context(
-                started_transfer(
-                    answer["upload_url"], answer["ticket"], payload, out,
-                    chunked=i % 2 == 1, rate="1M",
-                )
-            )  # fmt: skip
-            running.append((procs, out))
-        _wait_paired(c, 9)
-        served = {n.url: c.metric(n, "fastrelay_active_relays") for n in c.nodes}
-        victim_index = max(range(3), key=lambda i: served[c.nodes[i].url])
-        victim, victim_name = c.nodes[victim_index], f"node{victim_index + 1}"
+        running = start_in_flight(c, stack, payload, 9, "draining")
+        victim, victim_name, held = busiest_node(c)
         victim.terminate()
         # New relays while the node drains: during its grace it still serves
         # them (HAProxy has not yet taken it out), then they go elsewhere.
@@ -466,7 +468,7 @@ def test_sigterm_drain_finishes_transfers_and_new_relays_go_elsewhere(
             assert ok(t, size), t
         succeeded = [t for t in during if ok(t, 1_048_576)]
         print(
-            f"\ndrain: {len(running)} transfers in flight, {served[victim.url]:.0f} on the draining"
+            f"\ndrain: {len(running)} transfers in flight, {held} on the draining"
             f" node, all finished; {len(during)} relays sent meanwhile,"
             f" {sum(t.node == victim_name for t in succeeded)} served by the draining node,"
             f" {len(during) - len(succeeded)} failed visibly; {len(after)} after DOWN all elsewhere"
