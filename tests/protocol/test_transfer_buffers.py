@@ -46,6 +46,14 @@ def connect(server: RelayServer) -> tuple[HttpConnection, FakeTransport]:
     return conn, t
 
 
+def connect_tls(server: RelayServer) -> tuple[HttpConnection, FakeTLSTransport]:
+    """A connection on a transport that behaves like an SSL one (fakes.py)."""
+    conn = HttpConnection(server)
+    t = FakeTLSTransport(conn)
+    conn.connection_made(t)  # type: ignore[arg-type]
+    return conn, t
+
+
 def put_head(ticket: str, length: int | None, expect: bool = False) -> bytes:
     framing = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
     extra = "Expect: 100-continue\r\n" if expect else ""
@@ -282,9 +290,7 @@ def test_tls_download_ends_cleanly_with_ciphertext_still_queued() -> None:
     async def main() -> None:
         server = make_server()
         relay = server.registry.create("w", "s", "d")
-        get = HttpConnection(server)
-        gt = FakeTLSTransport(get)
-        get.connection_made(gt)  # type: ignore[arg-type]
+        get, gt = connect_tls(server)
         gt.feed(get_head(relay.ticket))
         put, pt = connect(server)
         pt.feed(put_head(relay.ticket, 10))
@@ -309,9 +315,7 @@ def test_tls_download_tail_unread_past_the_idle_timeout_is_aborted() -> None:
         clock = FakeClock()
         server = make_server(Registry(clock=clock), idle_timeout_s=30.0)
         relay = server.registry.create("w", "s", "d")
-        get = HttpConnection(server)
-        gt = FakeTLSTransport(get)
-        get.connection_made(gt)  # type: ignore[arg-type]
+        get, gt = connect_tls(server)
         gt.feed(get_head(relay.ticket))
         put, pt = connect(server)
         pt.feed(put_head(relay.ticket, 3))
