@@ -5,6 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 
+class FakeClock:
+    """A monotonic clock the test moves by hand (``clock.now += 5``)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class FakeTransport:
     """Records writes; ``pending`` simulates bytes the kernel did not take."""
 

@@ -12,22 +12,13 @@ import logging
 from collections.abc import Callable
 
 import pytest
-from fakes import FakeSharedLedger, FakeTransport
+from fakes import FakeClock, FakeSharedLedger, FakeTransport
 from test_transfer_buffers import connect, get_head, make_server, put_head
 
 from fastrelay import Registry
 from fastrelay.connection import HttpConnection
 from fastrelay.phases import LIFECYCLE, Event, Phase
 from fastrelay.server import RelayServer
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
 
 Setup = Callable[[RelayServer], tuple[HttpConnection, FakeTransport, Callable[[], None]]]
 

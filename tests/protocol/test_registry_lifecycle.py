@@ -6,18 +6,11 @@ import asyncio
 import logging
 
 import pytest
+from fakes import FakeClock
 from test_transfer_buffers import connect, get_head, make_server, put_head, put_then_get
 
 from fastrelay import Outcome, Registry, WorkspaceCapReached
 from fastrelay.errors import ShuttingDown
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_deadline_answers_the_waiting_side_408_and_forgets_the_ticket() -> None:

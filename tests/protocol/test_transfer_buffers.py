@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from fakes import FakeTLSTransport, FakeTransport
+from fakes import FakeClock, FakeTLSTransport, FakeTransport
 
 from fastrelay import Outcome, Registry, RelayConfig
 from fastrelay.connection import HttpConnection
@@ -20,14 +20,6 @@ from fastrelay.phases import Phase
 from fastrelay.server import RelayServer
 
 BUF = 4096
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def run(coro_fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
