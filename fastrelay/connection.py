@@ -148,13 +148,15 @@ class ConnectionHost(Protocol):
 
 class HttpConnection(asyncio.BufferedProtocol):
     __slots__ = (
+        "_body",
+        "_body_framer",
+        "_body_then",
+        "_body_wanted",
         "_consultation",
         "_deadline",
         "_ended",
         "_eof_seen",
         "_held",
-        "_mint_body",
-        "_mint_framer",
         "_pending_error",
         "_side",
         "_unread_body",
@@ -180,8 +182,10 @@ class HttpConnection(asyncio.BufferedProtocol):
         self.write_paused = False
         self.lost_exc: Exception | None = None
         self._side: Literal["PUT", "GET"] = "GET"
-        self._mint_framer: BodyFramer | None = None
-        self._mint_body = bytearray()
+        self._body_framer: BodyFramer | None = None
+        self._body = bytearray()
+        self._body_wanted = False  # keep the body being read (a mint's), or drop it
+        self._body_then: Callable[[bytes], None] | None = None  # runs when it is read
         self._pending_error: RelayError | None = None
         self._ended: tuple[bytes | None, bool] = (None, False)  # what transfer_ended said
         self._deadline: Deadline | None = None
@@ -354,7 +358,7 @@ class HttpConnection(asyncio.BufferedProtocol):
                     if not self._read_head():
                         return
                 elif self.phase is Phase.READING_BODY:
-                    if not self._read_mint_body():
+                    if not self._read_body():
                         return
                 else:
                     return
@@ -524,13 +528,9 @@ class HttpConnection(asyncio.BufferedProtocol):
             self._reset()
             return
         head = self.head
-        if (
-            head is None
-            or not head.keep_alive
-            or head.http10
-            or self._eof_seen
-            or self.server.draining
-        ):
+        if not self._keeps_connection() or head is None or head.http10 or self._eof_seen:
+            # HTTP/1.0: the body was close-delimited. A GET that came with a
+            # body of its own: that body was never read.
             self.close()  # close() sends what is queued, then the FIN
             return
         # The body is complete: the connection is the client's again.
@@ -574,14 +574,21 @@ class HttpConnection(asyncio.BufferedProtocol):
                 head.method,
                 logsafe.safe(head.path, 64),
             )
-        kind, ticket = route(head)
+        try:
+            kind, ticket = route(head)
+        except RelayError as err:
+            # 404, 405: answered once the body is read, like any answer.
+            self._read_body_then(head, keep=False, then=self._refusal(err))
+            return True
         if kind is Route.RELAY_PUT or kind is Route.RELAY_GET:
             assert ticket is not None
             self._claim("PUT" if kind is Route.RELAY_PUT else "GET", ticket, head)
         elif kind is Route.MINT:
             self._start_mint(head)
         else:
-            self._answer(*self.server.answer_small(kind, head))
+            self._read_body_then(
+                head, keep=False, then=lambda _: self._answer(*self.server.answer_small(kind, head))
+            )
         return True
 
     def _claim(self, side: Literal["PUT", "GET"], ticket: str, head: RequestHead) -> None:
@@ -633,9 +640,7 @@ class HttpConnection(asyncio.BufferedProtocol):
         transfer.start(prefix)
 
     def _start_mint(self, head: RequestHead) -> None:
-        config = self.server.config
-        limit = config.max_mint_body_bytes
-        if head.content_length is not None and head.content_length > limit:
+        if head.content_length is not None and head.content_length > self._body_limit():
             raise MintBodyTooLarge()
         try:
             self.server.check_mint(head)
@@ -644,60 +649,122 @@ class HttpConnection(asyncio.BufferedProtocol):
                 raise  # the client waits for our word: answer now, and close
             # Read (and drop) the body, then answer on a connection that
             # stays usable: refusing a well-framed mint is no framing error.
-            self._pending_error = err
-        else:
-            if head.expect_continue:
-                self.transport.write(CONTINUE_100)
-        self._mint_framer = BodyFramer(head.content_length, head.chunked, limit)
-        self._mint_body.clear()
-        self.phase = Phase.READING_BODY
-        self._arm(config.header_timeout_s)  # a slow-dripped body is no better than a slow head
+            self._read_body_then(head, keep=False, then=self._refusal(err))
+            return
+        if head.expect_continue:
+            self.transport.write(CONTINUE_100)
+        self._read_body_then(head, keep=True, then=self._mint)
 
-    def _read_mint_body(self) -> bool:
-        framer, inbuf = self._mint_framer, self.inbuf
-        assert framer is not None and self.head is not None
+    def _refusal(self, err: RelayError) -> Callable[[bytes], None]:
+        """``then`` for `_read_body_then`: refuse with ``err``."""
+        return lambda _body: self._refuse(err)
+
+    def _body_limit(self) -> int:
+        return self.server.config.max_mint_body_bytes
+
+    def _read_body_then(
+        self, head: RequestHead, *, keep: bool, then: Callable[[bytes], None]
+    ) -> None:
+        """Read the request's body to its end, then run ``then`` with it (an
+        empty body unless ``keep``).
+
+        Every answer outside a relay goes through here, because a body left
+        unread would be parsed as the next request: bytes a client (or a
+        proxy's other client) sent as a body would run as a request
+        (smuggling). A body we do not want is read and dropped when it is
+        small; one over ``max_body_bytes``, or one a client holds back
+        for ``100 Continue``, is not read: the answer comes at once, says
+        ``Connection: close`` and the connection closes (`_keeps_connection`).
+        """
+        if not head.has_body:
+            then(b"")
+            return
+        limit = self._body_limit()
+        too_large = head.content_length is not None and head.content_length > limit
+        if not keep and (too_large or head.expect_continue):
+            then(b"")  # _unread_body is still set: the answer closes
+            return
+        self._body_framer = BodyFramer(head.content_length, head.chunked, limit)
+        self._body.clear()
+        self._body_wanted = keep
+        self._body_then = then
+        self.phase = Phase.READING_BODY
+        # A slow-dripped body is no better than a slow head.
+        self._arm(self.server.config.header_timeout_s)
+
+    def _read_body(self) -> bool:
+        framer, inbuf = self._body_framer, self.inbuf
+        assert framer is not None and self.head is not None and self._body_then is not None
         try:
             runs, consumed = framer.feed(inbuf)
         except ChunkError as exc:
             raise BadRequest(str(exc)) from None
         if framer.over_limit:
-            raise MintBodyTooLarge()
-        if self._pending_error is None:
+            if self._body_wanted:
+                raise MintBodyTooLarge()
+            # A dropped body past the limit: answer now, and close.
+            self._body_framer = None
+            self._cancel_deadline()
+            then, self._body_then = self._body_then, None
+            then(b"")
+            return True
+        if self._body_wanted:
             for start, end in runs:
-                self._mint_body += inbuf[start:end]
+                self._body += inbuf[start:end]
         del inbuf[:consumed]
         if not framer.done:
             return False
-        self._mint_framer = None
+        self._body_framer = None
         self._unread_body = False
         self._cancel_deadline()
-        err, self._pending_error = self._pending_error, None
-        if err is not None:
-            self._refuse(err)
-            return True
-        body = bytes(self._mint_body)
-        self._mint_body.clear()
+        then, self._body_then = self._body_then, None
+        body = bytes(self._body)
+        self._body.clear()
+        then(body)
+        # A consultation (the shared ledger) stops read_requests; it goes on
+        # in resume_after_consult.
+        return self.phase is not Phase.CONSULTING
+
+    def _mint(self, body: bytes) -> None:
+        assert self.head is not None
         try:
             answer = self.server.answer_mint(self.head, body)
         except RelayError as exc:
             self._refuse(exc)
-            return True
+            return
         if isinstance(answer, tuple):
             self._answer(*answer)
-            return True
+            return
         self._consult(answer, self._answer_consulted)
-        return False  # read_requests stops; resume_after_consult goes on
 
     def _answer_consulted(self, answer: Answer) -> None:
         self._answer(*answer)
 
     # --- answers -------------------------------------------------------------------
 
+    def _keeps_connection(self, err: RelayError | None = None) -> bool:
+        """Whether the connection reads another request after this answer.
+
+        The one place that decides it, for every answer (small answers,
+        refusals, a finished download): only when the request was framed and
+        its body read to its end, HTTP allows keep-alive, the answer does not
+        close by nature (``err.closes``), and we are not draining. Anything
+        else closes, since unread body bytes would be read as a request.
+        """
+        head = self.head
+        return (
+            head is not None
+            and not self._unread_body
+            and head.keep_alive
+            and not (err is not None and err.closes)
+            and not self.server.draining
+        )
+
     def _answer(self, status: int, content_type: str, body: bytes) -> None:
-        """Answer the current request, whose body (if any) was read in full."""
+        """Answer the current request."""
         head = self.head
         assert head is not None
-        keep = head.keep_alive and not self.server.draining
+        keep = self._keeps_connection()
         self.transport.write(
             simple_response(
                 status, content_type, body, close=not keep, head_only=head.method == "HEAD"
@@ -710,24 +777,19 @@ class HttpConnection(asyncio.BufferedProtocol):
         if self.phase in (Phase.CLOSED, Phase.LINGERING) or self.transport.is_closing():
             return
         head = self.head
-        # A request whose head failed to parse, whose body we did not read to
-        # its end, or that timed out leaves the stream at an unknown place:
-        # close after answering. Any other refusal keeps the connection.
-        framed = head is not None and not self._unread_body and not isinstance(err, RequestTimeout)
-        keep = framed and head is not None and head.keep_alive and not self.server.draining
+        keep = self._keeps_connection(err)
         self.transport.write(
             error_response(
                 err, close=not keep, head_only=head is not None and head.method == "HEAD"
             )
         )
-        if keep:
-            self._next_request(True)
-        else:
-            self._close_after_answer(body_read=head is not None and framed)
+        self._next_request(keep)
 
     def _next_request(self, keep: bool) -> None:
         if not keep:
-            self._close_after_answer(body_read=True)
+            # A head that failed to parse leaves the stream at an unknown
+            # place: linger as for an unread body.
+            self._close_after_answer(body_read=self.head is not None and not self._unread_body)
             return
         self.phase = Phase.READING_HEAD
         self.head = None

@@ -33,6 +33,10 @@ class RelayError(Exception):
 
     status = 500
     content_type = JSON
+    closes = False
+    """True when the connection must close after this answer whatever the
+    request said: the stream is at an unknown place (a timed-out head) or
+    the client may go on sending bytes that are not requests (CONNECT)."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -84,6 +88,17 @@ class MethodNotAllowed(TextError):
         self.allow = allow
 
 
+class ConnectRefused(BadRequest):
+    """CONNECT asks for a tunnel, which a relay does not offer. The client may
+    start its tunnel bytes right behind the head, so the connection closes
+    after the answer rather than read them as requests."""
+
+    closes = True
+
+    def __init__(self) -> None:
+        super().__init__("CONNECT is not supported")
+
+
 class HeadTooLarge(TextError):
     status = 431
 
@@ -95,6 +110,7 @@ class RequestTimeout(TextError):
     """The request head did not arrive within ``header_timeout_s``."""
 
     status = 408
+    closes = True
 
     def __init__(self) -> None:
         super().__init__("request timeout")

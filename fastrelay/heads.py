@@ -51,6 +51,7 @@ import h11
 
 from .errors import (
     BadRequest,
+    ConnectRefused,
     HeadTooLarge,
     MethodNotAllowed,
     NotFound,
@@ -232,8 +233,7 @@ def parse_head(raw: bytes) -> RequestHead:
 
     # HTTP/1.0 closes unless asked not to; 1.1 keeps unless asked to close.
     keep_alive = b"keep-alive" in connection_tokens if http10 else b"close" not in connection_tokens
-    target = event.target.decode("ascii", "replace")
-    path = target.split("?", 1)[0]
+    path = _target_path(event.target.decode("ascii", "replace"))
     return RequestHead(
         method=event.method.decode("ascii"),
         path=path,
@@ -245,6 +245,24 @@ def parse_head(raw: bytes) -> RequestHead:
         http10=http10,
         dropped=tuple(dropped),
     )
+
+
+# An absolute-form target (RFC 9112 §3.2.2): scheme, "://", authority. A
+# server MUST accept it; we route on its path and ignore the authority (the
+# ticket in the path is the whole credential, wherever the request says it
+# is going).
+_ABSOLUTE_FORM = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
+
+
+def _target_path(target: str) -> str:
+    """The path of a request target, without its query: origin-form as is,
+    absolute-form without its scheme and authority (``/`` if it has no path)."""
+    match = _ABSOLUTE_FORM.match(target)
+    if match is not None:
+        target = target[match.end() :]
+        if not target.startswith("/"):
+            target = "/" + target
+    return target.split("?", 1)[0]
 
 
 def _refuse_repeated_singletons(raw: bytes) -> None:
@@ -311,6 +329,8 @@ def _map_h11_error(exc: h11.ProtocolError) -> RelayError:
 def route(head: RequestHead) -> tuple[Route, str | None]:
     """What the request asks for, and the URL ticket for relay routes."""
     path, method = head.path, head.method
+    if method == "CONNECT":
+        raise ConnectRefused()
     if path.startswith(RELAY_PREFIX):
         ticket = path[len(RELAY_PREFIX) :]
         if not ticket or "/" in ticket:

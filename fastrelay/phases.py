@@ -2,9 +2,10 @@
 
 Theory of operation
 -------------------
-A connection reads request heads (``READING_HEAD``), and for a mint a small
-body (``READING_BODY``), answering each request in turn on the same
-connection. An answer the client does not read is held by the transport; if
+A connection reads request heads (``READING_HEAD``), and a small body
+(``READING_BODY``: a mint's, or any other request's, read to be dropped so
+that no body byte is ever read as a request), answering each request in turn
+on the same connection. An answer the client does not read is held by the transport; if
 that grows past the write limit the connection stops reading
 (``ANSWERING``) until the client catches up, so pipelined requests can never
 make the server buffer more than a bounded amount per connection.
@@ -41,7 +42,7 @@ import enum
 
 class Phase(enum.Enum):
     READING_HEAD = "reading_head"  # waiting for (the rest of) a request head
-    READING_BODY = "reading_body"  # reading a mint request's body
+    READING_BODY = "reading_body"  # reading a request body: a mint's, or one we drop
     ANSWERING = "answering"  # answers queued past the write limit: not reading
     CONSULTING = "consulting"  # the request waits for the shared ledger's answer
     WAITING = "waiting"  # holds one side of a relay, partner not here yet
