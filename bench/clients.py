@@ -15,7 +15,7 @@ import socket
 import ssl
 import time
 
-from fastrelay.chunked import ChunkedDecoder
+from fastrelay.core.chunked import ChunkedDecoder
 
 RECV_BYTES = 1024 * 1024
 CHUNK_BYTES = 65524  # what `curl -T -` sends per chunk

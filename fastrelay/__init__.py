@@ -9,8 +9,9 @@ Library surface (the Python mirror of the Go ``relay`` package)::
     await relay.wait(); relay.outcome, relay.bytes, relay.error
 """
 
-from .config import RelayConfig
-from .errors import (
+from ._version import __version__
+from .core.config import RelayConfig
+from .core.errors import (
     DownloadAborted,
     Expired,
     IdleTimeout,
@@ -25,13 +26,11 @@ from .errors import (
     UploadAborted,
     WorkspaceCapReached,
 )
-from .registry import Registry, Relay
-from .server import RelayServer, start_server
-from .session import Outcome
-from .tickets import extract_bearer_ticket
-from .tls import server_ssl_context
-
-__version__ = "0.1.0"
+from .core.session import Outcome
+from .core.tickets import extract_bearer_ticket
+from .server.listener import RelayServer, start_server
+from .server.registry import Registry, Relay
+from .server.tls import server_ssl_context
 
 __all__ = [
     "DownloadAborted",

@@ -1,7 +1,7 @@
 """``fastrelay``: the command line (``serve``, and the client's ``mint``, ``put``, ``get``).
 
 ``serve``: command line -> RelayConfig -> a running server. ``mint``,
-``put`` and ``get`` come from `client_cli` (their exit codes are documented
+``put`` and ``get`` come from `client.commands` (their exit codes are documented
 there).
 
 Configuration errors (port in use, unreadable certificate, bad flag values)
@@ -30,15 +30,15 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn, cast
 
-from . import __version__
-from .client_cli import COMMANDS as CLIENT_COMMANDS
-from .client_cli import add_client_commands, run_client_command
-from .config import MAX_DURATION_S, ConfigValueError, RelayConfig, format_number
-from .logformat import JsonFormatter
-from .logsafe import safe
-from .server import RelayServer
-from .signed_tickets import KeyFileError
-from .tls import CertificateError, server_ssl_context
+from ._version import __version__
+from .client.commands import COMMANDS as CLIENT_COMMANDS
+from .client.commands import add_client_commands, run_client_command
+from .cluster.signed_tickets import KeyFileError
+from .core.config import MAX_DURATION_S, ConfigValueError, RelayConfig, format_number
+from .core.logsafe import safe
+from .server.listener import RelayServer
+from .server.logformat import JsonFormatter
+from .server.tls import CertificateError, server_ssl_context
 
 SECRET_ENV = "FASTRELAY_SHARED_SECRET"
 REDIS_URL_ENV = "FASTRELAY_REDIS_URL"

@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 
-from fastrelay.errors import ClusterUnavailable, MintDisabled, WorkspaceCapReached
-from fastrelay.ledger import Admission, Holding
-from fastrelay.redis_ledger import PREFIX, RedisLedger
+from fastrelay.cluster.ledger import Admission, Holding
+from fastrelay.cluster.redis_ledger import PREFIX, RedisLedger
+from fastrelay.core.errors import ClusterUnavailable, MintDisabled, WorkspaceCapReached
 from tests.cluster.processes import ProcessError, RedisServer, which
 
 pytestmark = pytest.mark.skipif(

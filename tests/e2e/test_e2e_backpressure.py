@@ -8,7 +8,7 @@ import time
 from conftest import Relay
 from test_e2e_transfer import wait_waiting
 
-from fastrelay.phases import Phase
+from fastrelay.core.phases import Phase
 
 MIB = 1024 * 1024
 

@@ -321,7 +321,7 @@ def test_client_commands_run_through_the_main_cli(tmp_path: pathlib.Path) -> Non
         assert put.returncode == 0, put.stderr
         assert get.returncode == 0, get_err
         assert (tmp_path / "out.bin").read_bytes() == data
-        # A refusal exits 3 (client_cli's EXIT_REFUSED): the ticket is used up.
+        # A refusal exits 3 (client.commands' EXIT_REFUSED): the ticket is used up.
         again = subprocess.run(
             [*fastrelay, "get", upload_url, "-o", str(tmp_path / "again.bin")],
             capture_output=True,
@@ -464,7 +464,7 @@ def _wait_log(proc: subprocess.Popen[str], needle: str) -> str:
 
 
 def test_sighup_rotates_ticket_keys_without_downtime(tmp_path: pathlib.Path) -> None:
-    from fastrelay.signed_tickets import TicketClaims, TicketKeys
+    from fastrelay.cluster.signed_tickets import TicketClaims, TicketKeys
 
     keys = tmp_path / "keys"
     keys.write_text(KEY_A + "\n")

@@ -32,7 +32,6 @@ import h11
 import pytest
 from conftest import SECRET, Relay
 
-from fastrelay import errors
 from fastrelay.client import (
     AsyncClient,
     Client,
@@ -40,19 +39,20 @@ from fastrelay.client import (
     TransferFailed,
     format_repr_digest,
 )
-from fastrelay.client_cli import (
+from fastrelay.client.commands import (
     EXIT_DIGEST_MISMATCH,
     EXIT_OK,
     EXIT_REFUSED,
     EXIT_TRANSFER_FAILED,
     EXIT_USAGE,
 )
+from fastrelay.core import errors
 
 # The CLI as the main fastrelay CLI will host it: our subcommands on a parser
 # we build, dispatched by run_client_command.
 CLI = """
 import argparse, sys
-from fastrelay.client_cli import add_client_commands, run_client_command
+from fastrelay.client.commands import add_client_commands, run_client_command
 parser = argparse.ArgumentParser(prog="fastrelay")
 add_client_commands(parser.add_subparsers(dest="command", required=True))
 sys.exit(run_client_command(parser.parse_args()))

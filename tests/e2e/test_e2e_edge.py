@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastrelay
-from fastrelay.tickets import ticket_id
+from fastrelay.core.tickets import ticket_id
 
 MINT = b"POST /api/exec-gateway/relay/create HTTP/1.1\r\n"
 MINT_AUTH = f"Authorization: Bearer {SECRET}\r\n".encode()

@@ -16,9 +16,9 @@ from fakes import FakeClock, FakeSharedLedger, FakeTransport
 from test_transfer_buffers import connect, get_head, make_server, put_head
 
 from fastrelay import Registry
-from fastrelay.connection import HttpConnection
-from fastrelay.phases import LIFECYCLE, Event, Phase
-from fastrelay.server import RelayServer
+from fastrelay.core.phases import LIFECYCLE, Event, Phase
+from fastrelay.server.connection import HttpConnection
+from fastrelay.server.listener import RelayServer
 
 Setup = Callable[[RelayServer], tuple[HttpConnection, FakeTransport, Callable[[], None]]]
 

@@ -8,8 +8,8 @@ import logging
 import pytest
 from test_transfer_buffers import connect, make_server
 
-from fastrelay.heads import RequestHead, Route
-from fastrelay.phases import Phase
+from fastrelay.core.heads import RequestHead, Route
+from fastrelay.core.phases import Phase
 
 
 def test_a_bug_is_answered_500_and_logged_with_its_place(

@@ -10,7 +10,7 @@ from fakes import FakeClock
 from test_transfer_buffers import connect, get_head, make_server, put_head, put_then_get
 
 from fastrelay import Outcome, Registry, WorkspaceCapReached
-from fastrelay.errors import ShuttingDown
+from fastrelay.core.errors import ShuttingDown
 
 
 def test_deadline_answers_the_waiting_side_408_and_forgets_the_ticket() -> None:

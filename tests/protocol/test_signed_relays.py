@@ -16,10 +16,10 @@ from fakes import FakeSharedLedger
 from test_transfer_buffers import connect, get_head, make_server, put_head
 
 from fastrelay import Outcome, Registry
-from fastrelay.errors import ClusterUnavailable, WorkspaceCapReached
-from fastrelay.ledger import Admission
-from fastrelay.phases import Phase
-from fastrelay.signed_tickets import TicketKeys
+from fastrelay.cluster.ledger import Admission
+from fastrelay.cluster.signed_tickets import TicketKeys
+from fastrelay.core.errors import ClusterUnavailable, WorkspaceCapReached
+from fastrelay.core.phases import Phase
 
 KEYS = TicketKeys([b"a-test-key-of-thirty-two-bytes!!"])
 T0 = datetime.datetime(2026, 12, 4, 12, 0, tzinfo=datetime.UTC)

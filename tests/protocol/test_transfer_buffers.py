@@ -15,9 +15,9 @@ from typing import Any
 from fakes import FakeClock, FakeTLSTransport, FakeTransport
 
 from fastrelay import Outcome, Registry, RelayConfig
-from fastrelay.connection import HttpConnection
-from fastrelay.phases import Phase
-from fastrelay.server import RelayServer
+from fastrelay.core.phases import Phase
+from fastrelay.server.connection import HttpConnection
+from fastrelay.server.listener import RelayServer
 
 BUF = 4096
 

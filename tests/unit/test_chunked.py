@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastrelay.chunked import MAX_LINE_BYTES, ChunkedDecoder, ChunkError
+from fastrelay.core.chunked import MAX_LINE_BYTES, ChunkedDecoder, ChunkError
 
 
 def encode(parts: list[bytes], ext: bool = False, trailers: bool = False) -> bytes:

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from fastrelay import cli
-from fastrelay.config import MAX_BUFFER_BYTES, MAX_DURATION_S, ConfigValueError, RelayConfig
+from fastrelay.core.config import MAX_BUFFER_BYTES, MAX_DURATION_S, ConfigValueError, RelayConfig
 
 FLOAT_FIELDS = ["ticket_ttl_s", "max_ttl_s", "idle_timeout_s", "header_timeout_s", "linger_s"]
 

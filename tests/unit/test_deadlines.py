@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from fastrelay.deadlines import Deadlines
-from fastrelay.timer import LoopTimer
+from fastrelay.core.deadlines import Deadlines
+from fastrelay.server.timer import LoopTimer
 
 
 def test_due_fires_at_exactly_the_deadline_in_order_and_skips_cancelled() -> None:

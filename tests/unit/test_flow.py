@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastrelay.flow import BufferPool, ReadGate
+from fastrelay.server.flow import BufferPool, ReadGate
 
 
 class Reader:

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastrelay.chunked import ChunkError
-from fastrelay.framing import BodyFramer
+from fastrelay.core.chunked import ChunkError
+from fastrelay.core.framing import BodyFramer
 
 
 def frame(framer: BodyFramer, pieces: list[bytes]) -> tuple[bytes, bytes]:

@@ -17,9 +17,9 @@ import h11
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from fastrelay import heads
-from fastrelay.errors import RelayError
-from fastrelay.heads import find_head_end, parse_head
+from fastrelay.core import heads
+from fastrelay.core.errors import RelayError
+from fastrelay.core.heads import find_head_end, parse_head
 
 MAX_HEAD = 16 * 1024
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastrelay.errors import (
+from fastrelay.core.errors import (
     BadRequest,
     HeadTooLarge,
     MethodNotAllowed,
@@ -16,7 +16,7 @@ from fastrelay.errors import (
     RelayError,
     TicketNotFound,
 )
-from fastrelay.heads import (
+from fastrelay.core.heads import (
     Route,
     download_head,
     error_response,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fastrelay.errors import MintDisabled, WorkspaceCapReached
-from fastrelay.ledger import LocalLedger
+from fastrelay.cluster.ledger import LocalLedger
+from fastrelay.core.errors import MintDisabled, WorkspaceCapReached
 
 
 def test_cap_counts_from_reserve_to_release() -> None:

@@ -11,11 +11,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from fastrelay import observe
-from fastrelay.errors import UploadAborted
-from fastrelay.logformat import JsonFormatter
-from fastrelay.session import Outcome
-from fastrelay.tickets import ticket_id
+from fastrelay.core import observe
+from fastrelay.core.errors import UploadAborted
+from fastrelay.core.session import Outcome
+from fastrelay.core.tickets import ticket_id
+from fastrelay.server.logformat import JsonFormatter
 
 TICKET = "rly_" + "A" * 43
 FORGED = "a\nrelay ended id=000 outcome=ok\r\x1b[31mred\u2028\u202e\ud800"

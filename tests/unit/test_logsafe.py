@@ -7,10 +7,10 @@ import logging
 
 import pytest
 
-from fastrelay import observe
-from fastrelay.errors import UploadAborted
-from fastrelay.logsafe import safe
-from fastrelay.session import Input, RelaySession
+from fastrelay.core import observe
+from fastrelay.core.errors import UploadAborted
+from fastrelay.core.logsafe import safe
+from fastrelay.core.session import Input, RelaySession
 
 FORGED = "a\nrelay ended id=000 outcome=ok\r\x1b[31mred\u2028" + "x" * (60 * 1024)
 RAW_CONTROLS = {chr(c) for c in (*range(0x20), *range(0x7F, 0xA0))} | {"\u2028", "\u2029"}

@@ -1,4 +1,4 @@
-"""`fastrelay.metrics`: the relay's numbers through prometheus_client."""
+"""`fastrelay.server.metrics`: the relay's numbers through prometheus_client."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import re
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fastrelay import metrics
-from fastrelay.observe import Metrics
-from fastrelay.session import Outcome
+from fastrelay.core.observe import Metrics
+from fastrelay.core.session import Outcome
+from fastrelay.server import metrics
 
 RELAY_NAMES = [
     "fastrelay_relays_total",

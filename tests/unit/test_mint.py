@@ -7,8 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastrelay.errors import InvalidField, InvalidJSON, MintUnauthorized, MissingIds, RelayError
-from fastrelay.mint import (
+from fastrelay.core.errors import (
+    InvalidField,
+    InvalidJSON,
+    MintUnauthorized,
+    MissingIds,
+    RelayError,
+)
+from fastrelay.core.mint import (
     MAX_DEPTH,
     MintRequest,
     check_secret,

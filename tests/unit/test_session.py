@@ -6,7 +6,14 @@ import itertools
 
 import pytest
 
-from fastrelay.session import TRANSITIONS, Input, InvalidTransition, Outcome, RelaySession, State
+from fastrelay.core.session import (
+    TRANSITIONS,
+    Input,
+    InvalidTransition,
+    Outcome,
+    RelaySession,
+    State,
+)
 
 
 def session_in(state: State) -> RelaySession:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fastrelay.signed_tickets import (
+from fastrelay.cluster.signed_tickets import (
     MAX_KEYS,
     MAX_TICKET_CHARS,
     KeyFileError,

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from fastrelay.tickets import (
+from fastrelay.core.tickets import (
     TICKET_LENGTH,
     extract_bearer_ticket,
     new_ticket,

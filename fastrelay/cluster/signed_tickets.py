@@ -46,7 +46,7 @@ import secrets
 import struct
 from collections.abc import Sequence
 
-from .tickets import TICKET_PREFIX
+from ..core.tickets import TICKET_PREFIX
 
 VERSION = 1
 DOMAIN = b"fastrelay ticket v1\x00"

@@ -29,7 +29,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.openmetrics import exposition as _openmetrics
 from prometheus_client.registry import Collector
 
-from .observe import Metrics
+from ..core.observe import Metrics
 
 __all__ = [
     "OPENMETRICS_CONTENT_TYPE",
@@ -161,7 +161,7 @@ def _version() -> str:
     try:
         return importlib.metadata.version("fastrelay")
     except importlib.metadata.PackageNotFoundError:  # running from a source tree
-        from . import __version__
+        from .._version import __version__
 
         return __version__
 

@@ -46,10 +46,12 @@ import time
 from collections.abc import Callable
 from typing import Literal, NamedTuple, Protocol
 
-from . import observe
-from .config import MAX_DURATION_S
-from .deadlines import Deadline
-from .errors import (
+from ..cluster.ledger import Admission, Holding, LocalLedger, SharedLedger
+from ..cluster.signed_tickets import TicketClaims, TicketKeys, looks_signed
+from ..core import observe
+from ..core.config import MAX_DURATION_S
+from ..core.deadlines import Deadline
+from ..core.errors import (
     Expired,
     PairingTimeout,
     PayloadTooLarge,
@@ -60,11 +62,9 @@ from .errors import (
     TicketNotFound,
     UpstreamFailed,
 )
-from .heads import RequestHead
-from .ledger import Admission, Holding, LocalLedger, SharedLedger
-from .session import Input, Outcome, RelaySession, State
-from .signed_tickets import TicketClaims, TicketKeys, looks_signed
-from .tickets import new_ticket, ticket_key
+from ..core.heads import RequestHead
+from ..core.session import Input, Outcome, RelaySession, State
+from ..core.tickets import new_ticket, ticket_key
 from .timer import LoopTimer
 
 DEFAULT_TTL_S = 300.0

@@ -5,7 +5,7 @@ and runs the handler the lifecycle table names for (phase, event). Handlers
 are the methods below named in the table; they are the only code that
 changes ``self.phase``.
 
-Requests: heads are cut and parsed by `heads.py` (one framing, the same as
+Requests: heads are cut and parsed by `core.heads` (one framing, the same as
 h11's), mint bodies framed by `framing.BodyFramer`, answers written here by
 `_answer`, which keeps the connection for the next request when the request
 was read to its end and HTTP allows it, and otherwise closes (lingering when
@@ -52,11 +52,11 @@ import traceback
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
-from . import logsafe
-from .chunked import ChunkError
-from .config import RelayConfig
-from .deadlines import Deadline
-from .errors import (
+from ..core import logsafe
+from ..core.chunked import ChunkError
+from ..core.config import RelayConfig
+from ..core.deadlines import Deadline
+from ..core.errors import (
     BadRequest,
     InternalError,
     MintBodyTooLarge,
@@ -64,9 +64,8 @@ from .errors import (
     RequestTimeout,
     Unauthorized,
 )
-from .flow import BufferPool, ReadGate
-from .framing import BodyFramer
-from .heads import (
+from ..core.framing import BodyFramer
+from ..core.heads import (
     CONTINUE_100,
     RequestHead,
     Route,
@@ -76,8 +75,9 @@ from .heads import (
     route,
     simple_response,
 )
-from .phases import LIFECYCLE, Event, Phase
-from .tickets import extract_bearer_ticket
+from ..core.phases import LIFECYCLE, Event, Phase
+from ..core.tickets import extract_bearer_ticket
+from .flow import BufferPool, ReadGate
 from .timer import LoopTimer
 from .transfer import Transfer
 
@@ -203,7 +203,7 @@ class HttpConnection(asyncio.BufferedProtocol):
         self.transport = transport
         self.gate = ReadGate(transport)
         transport.set_write_buffer_limits(high=CONTROL_WRITE_HIGH, low=CONTROL_WRITE_LOW)
-        # TCP keepalive is set once on the listening socket (server.py) and
+        # TCP keepalive is set once on the listening socket (listener.py) and
         # inherited by every accepted one: no per-connection syscalls here.
         if not self.server.connection_opened(self):
             transport.abort()

@@ -1,7 +1,7 @@
 """Command-line client: ``mint``, ``put`` and ``get`` subcommands.
 
 The main ``fastrelay`` CLI registers them with `add_client_commands` and
-dispatches with `run_client_command`; ``python -m fastrelay.client_cli``
+dispatches with `run_client_command`; ``python -m fastrelay.client.commands``
 runs them standalone. Exit codes, distinct so a script can tell a retryable
 failure from a refusal:
 
@@ -36,8 +36,8 @@ from typing import IO, Never
 
 from tqdm import tqdm
 
-from fastrelay import errors
-from fastrelay.client import Client, DigestMismatch, MintResult, TransferFailed
+from ..client import Client, DigestMismatch, MintResult, TransferFailed
+from ..core import errors
 
 EXIT_OK = 0
 EXIT_LOCAL = 1
@@ -210,7 +210,7 @@ def _get(args: argparse.Namespace, bar: _Bar | None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry point: ``python -m fastrelay.client_cli {mint,put,get} ...``."""
+    """Standalone entry point: ``python -m fastrelay.client.commands {mint,put,get} ...``."""
     parser = argparse.ArgumentParser(prog="fastrelay-client", description=__doc__.split("\n")[0])
     add_client_commands(parser.add_subparsers(dest="command", required=True))
     return run_client_command(parser.parse_args(argv))

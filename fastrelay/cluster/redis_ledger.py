@@ -50,8 +50,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from . import logsafe
-from .errors import ClusterUnavailable, MintDisabled, WorkspaceCapReached
+from ..core import logsafe
+from ..core.errors import ClusterUnavailable, MintDisabled, WorkspaceCapReached
 from .ledger import TOO_MANY_PENDING, Admission, Holding
 
 log = logging.getLogger("fastrelay")

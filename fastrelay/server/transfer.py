@@ -52,10 +52,10 @@ import asyncio
 import hashlib
 from typing import TYPE_CHECKING, Protocol
 
-from .chunked import ChunkError
-from .config import RelayConfig
-from .deadlines import Deadline
-from .errors import (
+from ..core.chunked import ChunkError
+from ..core.config import RelayConfig
+from ..core.deadlines import Deadline
+from ..core.errors import (
     COMPACT_JSON,
     DownloadAborted,
     IdleTimeout,
@@ -64,9 +64,8 @@ from .errors import (
     TransferShutDown,
     UploadAborted,
 )
-from .flow import BufferPool, ReadGate
-from .framing import BodyFramer, Runs
-from .heads import (
+from ..core.framing import BodyFramer, Runs
+from ..core.heads import (
     CONTINUE_100,
     COPIED_HEADERS,
     RequestHead,
@@ -74,9 +73,10 @@ from .heads import (
     last_chunk,
     simple_response,
 )
+from ..core.session import Input
+from .flow import BufferPool, ReadGate
 from .kernel_splice import AVAILABLE as KERNEL_SPLICE_AVAILABLE
 from .kernel_splice import KernelPipe, dup_transport_socket
-from .session import Input
 from .timer import LoopTimer
 
 if TYPE_CHECKING:

@@ -10,7 +10,7 @@ three body shapes:
   ``/relay/{ticket}``;
 * the mint endpoint's JSON encoder output (``{"error":"..."}`` + newline).
 
-Core code raises; `connection.py` catches `RelayError` once and writes
+Core code raises; `server.connection` catches `RelayError` once and writes
 ``error.status`` and ``error.body()``. Errors that end a transfer after
 pairing (upload aborted, download aborted, idle) are also `RelayError`s so a
 library user sees one hierarchy on ``Relay.error``.

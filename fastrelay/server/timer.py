@@ -18,7 +18,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from .deadlines import Deadline, Deadlines
+from ..core.deadlines import Deadline, Deadlines
 
 
 class LoopTimer:

@@ -38,7 +38,7 @@ import heapq
 import math
 from typing import Protocol
 
-from .errors import MintDisabled, WorkspaceCapReached
+from ..core.errors import MintDisabled, WorkspaceCapReached
 
 TOO_MANY_PENDING = "relay: too many pending relays"
 

@@ -23,25 +23,25 @@ import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
-from . import logsafe, mint
-from .config import RelayConfig
+from ..cluster.keyfile import read_ticket_keys
+from ..cluster.ledger import TOO_MANY_PENDING
+from ..cluster.signed_tickets import KeyFileError
+from ..core import logsafe, mint
+from ..core.config import RelayConfig
+from ..core.deadlines import Deadline
+from ..core.errors import MintDisabled, ShuttingDown
+from ..core.heads import RequestHead, Route
+from ..core.observe import Metrics
+from ..core.phases import Phase
 from .connection import Answer, HttpConnection
-from .deadlines import Deadline
-from .errors import MintDisabled, ShuttingDown
 from .flow import BufferPool
-from .heads import RequestHead, Route
-from .keyfile import read_ticket_keys
-from .ledger import TOO_MANY_PENDING
 from .metrics import make_registry, render_metrics
-from .observe import Metrics
-from .phases import Phase
 from .registry import Minted, Registry
-from .signed_tickets import KeyFileError
 from .timer import LoopTimer
 from .tls import server_ssl_context
 
 if TYPE_CHECKING:
-    from .redis_ledger import RedisLedger
+    from ..cluster.redis_ledger import RedisLedger
 
 log = logging.getLogger("fastrelay")
 
@@ -132,7 +132,7 @@ class RelayServer:
         if self.config.redis_url:
             # Imported here: redis-py costs ~0.1 s of start-up to every node
             # that does not use it.
-            from .redis_ledger import RedisLedger
+            from ..cluster.redis_ledger import RedisLedger
 
             self.shared = RedisLedger(
                 self.config.redis_url,

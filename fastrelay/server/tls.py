@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import ssl
 
-from .logsafe import safe
+from ..core.logsafe import safe
 
 _CERT_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", re.DOTALL)
 _KEY_BLOCK = re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----")

@@ -27,8 +27,6 @@ failures only the client can see are `TransferFailed` and `DigestMismatch`.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import dataclasses
 import datetime as dt
@@ -42,12 +40,24 @@ import ssl
 import stat
 import urllib.parse
 from collections.abc import Callable, Generator, Iterable, Iterator
-from typing import IO, Any, NamedTuple, Protocol, TypeAlias, TypeVar
+from typing import IO, Any, NamedTuple, TypeAlias, TypeVar
 
 import h11
 import httpx
 
-from fastrelay import errors
+from .answers import (
+    DigestMismatch,
+    GetResult,
+    MintResult,
+    NoProgress,
+    Progress,
+    PutResult,
+    RelayRefused,
+    TransferFailed,
+    answer_error,
+    format_repr_digest,
+    parse_repr_digest,
+)
 
 __all__ = [
     "AsyncClient",
@@ -66,146 +76,10 @@ CHUNK_SIZE = 256 * 1024
 # Error answers are small; never buffer more than this of one.
 _MAX_ERROR_BODY = 64 * 1024
 _USER_AGENT = "fastrelay-client"
-# The HTTP meaning of a failure the relay never answered (reset, truncated
-# body, corrupt bytes): the upstream (the relay) gave an invalid response.
-_BAD_GATEWAY = 502
 
 Source: TypeAlias = "str | os.PathLike[str] | bytes | IO[bytes] | Iterable[bytes]"
 Dest: TypeAlias = "str | os.PathLike[str] | IO[bytes]"
 T = TypeVar("T")
-
-
-# --- results and errors -----------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class MintResult:
-    ticket: str
-    upload_url: str
-    download_url: str
-    expires_at: dt.datetime
-
-
-@dataclasses.dataclass(frozen=True)
-class PutResult:
-    bytes: int
-    """Bytes the relay reports handed to the destination."""
-    digest: str
-    """Hex sha-256 of what was sent."""
-
-
-@dataclasses.dataclass(frozen=True)
-class GetResult:
-    bytes: int
-    digest: str
-    """Hex sha-256 of what was received."""
-    verified: bool
-    """True when the response carried a sha-256 ``Repr-Digest`` and it matched."""
-
-
-class RelayRefused(errors.RelayError):
-    """An error answer with no more specific class; ``status`` is the answer's."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class TransferFailed(errors.RelayError):
-    """The transfer started but did not complete.
-
-    The connection broke, the body ended short, or (for ``put``) the relay
-    answered an error after body bytes were sent; then ``status`` is that
-    answer's status and ``__cause__`` the mapped relay error. Otherwise
-    ``status`` is 502.
-    """
-
-    def __init__(self, message: str, status: int = _BAD_GATEWAY) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class DigestMismatch(errors.RelayError):
-    """The bytes received do not match the ``Repr-Digest`` sent with them."""
-
-    status = _BAD_GATEWAY
-
-    def __init__(self, expected: str, actual: str) -> None:
-        super().__init__(f"sha-256 mismatch: expected {expected}, received {actual}")
-        self.expected = expected
-        self.actual = actual
-
-
-class Progress(Protocol):
-    """Receives transfer progress (the CLI draws a bar with it)."""
-
-    def start(self, total: int | None) -> None:
-        """The body starts moving; ``total`` is its size when known."""
-
-    def advance(self, n: int) -> None:
-        """``n`` more bytes moved."""
-
-
-class _NoProgress:
-    def start(self, total: int | None) -> None:
-        pass
-
-    def advance(self, n: int) -> None:
-        pass
-
-
-# --- error mapping: the one place HTTP answers become exceptions -----------------
-
-
-def _answer_message(body: bytes) -> str:
-    text = body.decode("utf-8", "replace").strip()
-    try:
-        doc = json.loads(text)
-    except ValueError:
-        return text
-    if isinstance(doc, dict) and isinstance(doc.get("error"), str):
-        return str(doc["error"])
-    return text
-
-
-def _forwarded(body: bytes) -> int:
-    """The ``bytes`` field of a transfer error body, else 0."""
-    with contextlib.suppress(ValueError):
-        doc = json.loads(body)
-        if isinstance(doc, dict) and isinstance(doc.get("bytes"), int):
-            return int(doc["bytes"])
-    return 0
-
-
-def answer_error(status: int, body: bytes, *, mint: bool = False) -> errors.RelayError:
-    """The exception for an error answer of the relay (status, body)."""
-    message = _answer_message(body)
-    err: errors.RelayError
-    if status == 401:
-        err = errors.MintUnauthorized() if mint else errors.Unauthorized()
-    elif status == 410:
-        err = errors.TicketNotFound()
-    elif status == 423:
-        m = re.match(r"(\w+) side already claimed", message)
-        err = errors.SideAlreadyClaimed(m.group(1) if m else "this")
-    elif status == 408:
-        m = re.search(r"waiting for (\w+) side", message)
-        err = errors.PairingTimeout(m.group(1) if m else "other")
-    elif status == 413 and mint:
-        err = errors.MintBodyTooLarge()
-    elif status == 413:
-        m = re.search(r"\((\d+) > (\d+)\)", message)
-        seen, limit = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
-        err = errors.PayloadTooLarge(seen, limit, _forwarded(body))
-    elif status == 429:
-        err = errors.WorkspaceCapReached()
-    else:
-        return RelayRefused(status, message or f"HTTP {status}")
-    if message and message != err.message:
-        # Keep the relay's own words; the class gives the meaning.
-        err.message = message
-        err.args = (message,)
-    return err
 
 
 # --- URLs, TLS, digests ------------------------------------------------------------
@@ -247,35 +121,6 @@ def _ssl_context(verify: ssl.SSLContext | str | bool) -> ssl.SSLContext:
             ctx.verify_mode = ssl.CERT_NONE
     ctx.set_alpn_protocols(["http/1.1"])
     return ctx
-
-
-def format_repr_digest(sha256: bytes) -> str:
-    """RFC 9530 ``Repr-Digest`` field value for a sha-256 digest."""
-    return f"sha-256=:{base64.b64encode(sha256).decode()}:"
-
-
-def parse_repr_digest(values: Iterable[str]) -> bytes | None:
-    """The sha-256 of ``Repr-Digest`` field values, or None if none is sha-256.
-
-    Other algorithms are ignored; a malformed sha-256 member fails as a
-    mismatch would, because we cannot vouch for the bytes.
-    """
-    for value in values:
-        for member in value.split(","):
-            name, _, rest = member.partition("=")
-            if name.strip().lower() != "sha-256":
-                continue
-            item = rest.split(";", 1)[0].strip()
-            try:
-                if not (len(item) >= 2 and item[0] == item[-1] == ":"):
-                    raise ValueError(item)
-                digest = base64.b64decode(item[1:-1], validate=True)
-            except (ValueError, binascii.Error):
-                raise DigestMismatch(f"a malformed value {item!r}", "?") from None
-            if len(digest) != 32:
-                raise DigestMismatch(f"a {len(digest)}-byte value", "?")
-            return digest
-    return None
 
 
 def _header_values(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[str]:
@@ -731,14 +576,14 @@ class Client(_Base):
     ) -> PutResult:
         target, body = _put_parts(upload_url, source)
         try:
-            flow = _put_flow(target, body, progress or _NoProgress(), self._timeout)
+            flow = _put_flow(target, body, progress or NoProgress(), self._timeout)
             return _drive_sync(target, self._ssl, self._timeout, flow)
         finally:
             body.close()
 
     def get(self, download_url: str, dest: Dest, *, progress: Progress | None = None) -> GetResult:
         target, sink = _get_parts(download_url, dest)
-        flow = _get_flow(target, sink, progress or _NoProgress(), self._timeout)
+        flow = _get_flow(target, sink, progress or NoProgress(), self._timeout)
         try:
             result = _drive_sync(target, self._ssl, self._timeout, flow)
             sink.commit()
@@ -798,7 +643,7 @@ class AsyncClient(_Base):
     ) -> PutResult:
         target, body = _put_parts(upload_url, source)
         try:
-            flow = _put_flow(target, body, progress or _NoProgress(), self._timeout)
+            flow = _put_flow(target, body, progress or NoProgress(), self._timeout)
             return await _drive_async(target, self._ssl, self._timeout, flow)
         finally:
             body.close()
@@ -807,7 +652,7 @@ class AsyncClient(_Base):
         self, download_url: str, dest: Dest, *, progress: Progress | None = None
     ) -> GetResult:
         target, sink = _get_parts(download_url, dest)
-        flow = _get_flow(target, sink, progress or _NoProgress(), self._timeout)
+        flow = _get_flow(target, sink, progress or NoProgress(), self._timeout)
         try:
             result = await _drive_async(target, self._ssl, self._timeout, flow)
             sink.commit()

@@ -1,0 +1,189 @@
+"""What the relay's answers mean to a client: the results of mint, put and
+get, the errors an answer maps to (`answer_error`, the one place HTTP
+answers become exceptions), and the RFC 9530 ``Repr-Digest`` field.
+
+Pure: no socket and no file; `api` does the talking.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import re
+from collections.abc import Iterable
+from typing import Protocol
+
+from ..core import errors
+
+# The HTTP meaning of a failure the relay never answered (reset, truncated
+# body, corrupt bytes): the upstream (the relay) gave an invalid response.
+BAD_GATEWAY = 502
+
+
+# --- results and errors -----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MintResult:
+    ticket: str
+    upload_url: str
+    download_url: str
+    expires_at: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class PutResult:
+    bytes: int
+    """Bytes the relay reports handed to the destination."""
+    digest: str
+    """Hex sha-256 of what was sent."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GetResult:
+    bytes: int
+    digest: str
+    """Hex sha-256 of what was received."""
+    verified: bool
+    """True when the response carried a sha-256 ``Repr-Digest`` and it matched."""
+
+
+class RelayRefused(errors.RelayError):
+    """An error answer with no more specific class; ``status`` is the answer's."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class TransferFailed(errors.RelayError):
+    """The transfer started but did not complete.
+
+    The connection broke, the body ended short, or (for ``put``) the relay
+    answered an error after body bytes were sent; then ``status`` is that
+    answer's status and ``__cause__`` the mapped relay error. Otherwise
+    ``status`` is 502.
+    """
+
+    def __init__(self, message: str, status: int = BAD_GATEWAY) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class DigestMismatch(errors.RelayError):
+    """The bytes received do not match the ``Repr-Digest`` sent with them."""
+
+    status = BAD_GATEWAY
+
+    def __init__(self, expected: str, actual: str) -> None:
+        super().__init__(f"sha-256 mismatch: expected {expected}, received {actual}")
+        self.expected = expected
+        self.actual = actual
+
+
+class Progress(Protocol):
+    """Receives transfer progress (the CLI draws a bar with it)."""
+
+    def start(self, total: int | None) -> None:
+        """The body starts moving; ``total`` is its size when known."""
+
+    def advance(self, n: int) -> None:
+        """``n`` more bytes moved."""
+
+
+class NoProgress:
+    def start(self, total: int | None) -> None:
+        pass
+
+    def advance(self, n: int) -> None:
+        pass
+
+
+# --- error mapping: the one place HTTP answers become exceptions -----------------
+
+
+def _answer_message(body: bytes) -> str:
+    text = body.decode("utf-8", "replace").strip()
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return text
+    if isinstance(doc, dict) and isinstance(doc.get("error"), str):
+        return str(doc["error"])
+    return text
+
+
+def _forwarded(body: bytes) -> int:
+    """The ``bytes`` field of a transfer error body, else 0."""
+    with contextlib.suppress(ValueError):
+        doc = json.loads(body)
+        if isinstance(doc, dict) and isinstance(doc.get("bytes"), int):
+            return int(doc["bytes"])
+    return 0
+
+
+def answer_error(status: int, body: bytes, *, mint: bool = False) -> errors.RelayError:
+    """The exception for an error answer of the relay (status, body)."""
+    message = _answer_message(body)
+    err: errors.RelayError
+    if status == 401:
+        err = errors.MintUnauthorized() if mint else errors.Unauthorized()
+    elif status == 410:
+        err = errors.TicketNotFound()
+    elif status == 423:
+        m = re.match(r"(\w+) side already claimed", message)
+        err = errors.SideAlreadyClaimed(m.group(1) if m else "this")
+    elif status == 408:
+        m = re.search(r"waiting for (\w+) side", message)
+        err = errors.PairingTimeout(m.group(1) if m else "other")
+    elif status == 413 and mint:
+        err = errors.MintBodyTooLarge()
+    elif status == 413:
+        m = re.search(r"\((\d+) > (\d+)\)", message)
+        seen, limit = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+        err = errors.PayloadTooLarge(seen, limit, _forwarded(body))
+    elif status == 429:
+        err = errors.WorkspaceCapReached()
+    else:
+        return RelayRefused(status, message or f"HTTP {status}")
+    if message and message != err.message:
+        # Keep the relay's own words; the class gives the meaning.
+        err.message = message
+        err.args = (message,)
+    return err
+
+
+# --- digests ------------------------------------------------------------------
+
+
+def format_repr_digest(sha256: bytes) -> str:
+    """RFC 9530 ``Repr-Digest`` field value for a sha-256 digest."""
+    return f"sha-256=:{base64.b64encode(sha256).decode()}:"
+
+
+def parse_repr_digest(values: Iterable[str]) -> bytes | None:
+    """The sha-256 of ``Repr-Digest`` field values, or None if none is sha-256.
+
+    Other algorithms are ignored; a malformed sha-256 member fails as a
+    mismatch would, because we cannot vouch for the bytes.
+    """
+    for value in values:
+        for member in value.split(","):
+            name, _, rest = member.partition("=")
+            if name.strip().lower() != "sha-256":
+                continue
+            item = rest.split(";", 1)[0].strip()
+            try:
+                if not (len(item) >= 2 and item[0] == item[-1] == ":"):
+                    raise ValueError(item)
+                digest = base64.b64decode(item[1:-1], validate=True)
+            except (ValueError, binascii.Error):
+                raise DigestMismatch(f"a malformed value {item!r}", "?") from None
+            if len(digest) != 32:
+                raise DigestMismatch(f"a {len(digest)}-byte value", "?")
+            return digest
+    return None
