@@ -202,7 +202,10 @@ class SharedLedger(Protocol):
     async def admit(self, key: str) -> Admission:
         """A signed ticket reaches this node and is not live here."""
 
-    def paired(self, key: str, workspace_id: str) -> None: ...
+    def paired(self, key: str, workspace_id: str, expires_ms: int, single_use: bool) -> None:
+        """The ticket's relay paired: its slot is held by a lease from now on.
+        A ``single_use`` ticket is also spent (until ``expires_ms``) at once,
+        so that losing this node mid-transfer cannot make it fresh again."""
 
     def ended(self, key: str, workspace_id: str, expires_ms: int, signed: bool) -> None:
         """Free the slot; for a signed ticket, mark it spent until ``expires_ms``."""

@@ -22,8 +22,9 @@ share:
 * ``owner:<key>``: the node serving a signed ticket, with a lease (``ADMIT``
   sets it on the ticket's first arrival at a node; the heartbeat renews it).
   A second node asked for the same ticket while the lease lives answers 421.
-* ``spent:<key>``: a signed ticket whose relay ended, kept until the ticket's
-  own expiry: every node answers 410.
+* ``spent:<key>``: a signed ticket whose relay paired (it can never pair
+  again, even if its node dies mid-transfer) or ended, kept until the
+  ticket's own expiry: once no live node owns it, every node answers 410.
 
 Decisions (`reserve`, `admit`) are awaited by the request that needs them,
 bounded by ``redis_timeout_s``; if Redis cannot answer, the request gets 503
@@ -92,19 +93,29 @@ return 'ok'
 )
 
 # KEYS: spent, owner. ARGV: node, lease_ms.
+# A live owner elsewhere comes first: a side that reached the wrong node
+# while its relay runs (or waits) there hears 421, not 410. Once that owner
+# is gone, a ticket marked spent (ended, or paired by a node that died) is 410.
 ADMIT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 'spent' end
 local owner = redis.call('GET', KEYS[2])
 if owner and owner ~= ARGV[1] then return 'elsewhere' end
+if redis.call('EXISTS', KEYS[1]) == 1 then return 'spent' end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 return 'ok'
 """
 
-# KEYS: ws, pending. ARGV: member, lease_ms.
+# KEYS: ws, pending, spent. ARGV: member, lease_ms, single_use (1/0), expires_ms.
+# A single-use ticket is spent the moment it pairs, not only when its relay
+# ends: if its node dies mid-transfer, the end is never recorded, and once
+# the node's owner lease lapsed another node would serve the ticket afresh.
+# The mark lives until the ticket's own expiry (after which it is 410 anyway).
 PAIRED = (
     _NOW
     + _KEEP_SET
     + """
+if ARGV[3] == '1' and tonumber(ARGV[4]) > now then
+  redis.call('SET', KEYS[3], '1', 'PXAT', ARGV[4])
+end
 redis.call('ZREM', KEYS[2], ARGV[1])
 if redis.call('ZADD', KEYS[1], 'XX', 'CH', now + tonumber(ARGV[2]), ARGV[1]) == 1 then
   keep_set(KEYS[1])
@@ -247,10 +258,10 @@ class RedisLedger:
 
     # --- records (background) ------------------------------------------------------
 
-    def paired(self, key: str, workspace_id: str) -> None:
-        self._record(
-            self._call(self._paired, [_ws(workspace_id), PREFIX + "pending"], [key, self.lease_ms])
-        )
+    def paired(self, key: str, workspace_id: str, expires_ms: int, single_use: bool) -> None:
+        keys = [_ws(workspace_id), PREFIX + "pending", PREFIX + "spent:" + key]
+        args = [key, self.lease_ms, 1 if single_use else 0, expires_ms]
+        self._record(self._call(self._paired, keys, args))
 
     def ended(self, key: str, workspace_id: str, expires_ms: int, signed: bool) -> None:
         record = (workspace_id, expires_ms, signed)

@@ -569,7 +569,12 @@ class Registry:
         self._paired += 1
         self.ledger.paired(relay.key)
         if self.shared is not None:
-            self.shared.paired(relay.key, relay.workspace_id)
+            self.shared.paired(
+                relay.key,
+                relay.workspace_id,
+                _unix_ms(relay.expires_at),
+                single_use=relay.signed,
+            )
 
     def _remove(self, relay: Relay, was_paired: bool) -> None:
         del self._table[relay.ticket]

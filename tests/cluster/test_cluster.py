@@ -58,6 +58,8 @@ class Cluster:
     nodes: list[Node]
     proxy: HAProxy
     tmp: pathlib.Path
+    tickets: dict[pathlib.Path, str] = dataclasses.field(default_factory=dict)
+    """The ticket of each transfer `start_in_flight` started, by output file."""
 
     @property
     def url(self) -> str:
@@ -172,6 +174,19 @@ def request_status(method: str, url: str, ticket: str) -> int:
     except urllib.error.HTTPError as exc:
         exc.close()
         return int(exc.code)
+
+
+def status_once_unowned(method: str, url: str, ticket: str) -> int:
+    """The answer to ``method url`` once no dead node's owner lease holds the
+    ticket (421 until then: it lapses with the slots, give or take a beat)."""
+    seen: list[int] = []
+
+    def unowned() -> bool:
+        seen.append(request_status(method, url, ticket))
+        return seen[-1] != 421
+
+    wait_for(unowned, 10, f"the owner lease on {url} to lapse")
+    return seen[-1]
 
 
 @dataclasses.dataclass
@@ -392,6 +407,7 @@ def start_in_flight(
             )
         )  # fmt: skip
         running.append((procs, out))
+        c.tickets[out] = answer["ticket"]
     _wait_paired(c, count)
     return running
 
@@ -436,6 +452,20 @@ def test_kill_9_of_a_node_fails_only_its_transfers_visibly(
             assert ok(t, 65_536) and t.node != victim_name, t
         # The dead node's slots in Redis free themselves (its lease ends).
         wait_for(lambda: c.live_slots("before") == 0, 10, "the dead node's slots to free")
+        # Its tickets failed mid-transfer: single use holds after the lease
+        # lapsed too. Every node, and HAProxy, answers 410 for either side;
+        # none serves them afresh (the hole: they used to be served again).
+        dead = [
+            c.tickets[out]
+            for (_, out), t in zip(running, results, strict=True)
+            if t.node == victim_name
+        ]
+        survivors = [n for n in c.nodes if n is not victim]
+        for ticket in dead:
+            for base in [c.url, *(n.url for n in survivors)]:
+                for method in ("GET", "PUT"):
+                    status = status_once_unowned(method, f"{base}/relay/{ticket}", ticket)
+                    assert status == 410, (base, method, status)
 
 
 def test_sigterm_drain_finishes_transfers_and_new_relays_go_elsewhere(

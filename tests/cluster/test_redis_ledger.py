@@ -111,7 +111,7 @@ def test_the_pending_cap_counts_unpaired_tickets_of_all_workspaces(
             await b.reserve("k2", "w2", far)
             with pytest.raises(MintDisabled):
                 await a.reserve("k3", "w3", far)
-            a.paired("k1", "w1")
+            a.paired("k1", "w1", far, single_use=False)
             await wait_until(lambda: _fits(b, "k3", "w3", far), 5, "k1 to stop being pending")
 
     run(main())
@@ -135,7 +135,7 @@ def test_a_running_transfer_keeps_its_slot_while_its_node_beats(redis_server: Re
         async with nodes(redis_server, cap=1) as (a, b):
             soon = await now_ms(a) + 300
             await a.reserve("k1", "ws", soon)
-            a.paired("k1", "ws")
+            a.paired("k1", "ws", soon, single_use=True)
             held = Holding("k1", "ws", paired=True, signed=True)
             # Beat until well past the ticket's deadline: the slot stays.
             until = await now_ms(a) + 3 * int(LEASE_S * 1000)
@@ -175,6 +175,33 @@ def test_single_use_and_one_owner_across_nodes(redis_server: RedisServer) -> Non
 async def _no_key(led: RedisLedger, name: str) -> bool:
     await led.client.ping()
     return not await led.client.exists(PREFIX + name)
+
+
+def test_a_single_use_ticket_whose_node_died_mid_transfer_stays_spent(
+    redis_server: RedisServer,
+) -> None:
+    """The hole: a ticket paired on node a, a dies (no end is ever recorded,
+    no more heartbeats). Once a's owner lease lapses, b must not take the
+    ticket afresh: it was spent when it paired."""
+
+    async def main() -> None:
+        async with nodes(redis_server) as (a, b):
+            expires = await now_ms(a) + 60_000
+            assert await a.admit("t1") is Admission.OK
+            a.paired("t1", "ws", expires, single_use=True)
+            assert await b.admit("t1") is Admission.ELSEWHERE  # a still owns it
+
+            async def b_hears_spent() -> bool:
+                return await b.admit("t1") is Admission.SPENT
+
+            started = time.monotonic()
+            await wait_until(b_hears_spent, 5, "a's lease on t1 to lapse")
+            assert time.monotonic() - started >= LEASE_S - 0.2
+            # And it stays spent: b never became its owner.
+            assert await b.admit("t1") is Admission.SPENT
+            assert not await b.client.exists(PREFIX + "owner:t1")
+
+    run(main())
 
 
 def test_a_dead_owners_lease_lapses(redis_server: RedisServer) -> None:

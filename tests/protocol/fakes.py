@@ -127,7 +127,7 @@ class FakeSharedLedger:
         else:
             fut.set_result(value)
 
-    def paired(self, key: str, workspace_id: str) -> None:
+    def paired(self, key: str, workspace_id: str, expires_ms: int, single_use: bool) -> None:
         self.recorded.append(("paired", (key, workspace_id)))
 
     def ended(self, key: str, workspace_id: str, expires_ms: int, signed: bool) -> None:
