@@ -46,6 +46,10 @@ class RelayError(Exception):
         """The exact response body for this error."""
         return COMPACT_JSON.encode({"error": self.message}).encode()
 
+    def headers(self) -> list[tuple[str, str]]:
+        """Header fields this answer needs beyond the content ones."""
+        return []
+
 
 class TextError(RelayError):
     """An error answered like Go's ``http.Error``: plain text plus a newline."""
@@ -86,6 +90,9 @@ class MethodNotAllowed(TextError):
     def __init__(self, allow: str = "GET, PUT") -> None:
         super().__init__("method not allowed")
         self.allow = allow
+
+    def headers(self) -> list[tuple[str, str]]:
+        return [("Allow", self.allow)]
 
 
 class ConnectRefused(BadRequest):
@@ -329,3 +336,60 @@ class ServedElsewhere(RelayError):
 
     def __init__(self) -> None:
         super().__init__("relay: ticket is being served by another node")
+
+
+# --- resumable relays (v2: "resumable": true) -------------------------------------
+
+
+class LengthRequired(RelayError):
+    """A resumable relay's PUT must declare its length (no chunked body)."""
+
+    status = 411
+
+    def __init__(self) -> None:
+        super().__init__("resumable relay: the upload needs a Content-Length")
+
+
+class RangeNotSatisfiable(RelayError):
+    """A GET's ``Range`` starts at or past the end of the body."""
+
+    status = 416
+
+    def __init__(self, length: int) -> None:
+        super().__init__(f"range not satisfiable: the body has {length} bytes")
+        self.length = length
+
+    def headers(self) -> list[tuple[str, str]]:
+        return [("Content-Range", f"bytes */{self.length}")]
+
+
+class ResumeFrom(RelayError):
+    """This upload cannot give the destination the byte it needs next: send
+    again from ``offset`` (``Upload-Offset``)."""
+
+    status = 409
+
+    def __init__(self, offset: int) -> None:
+        super().__init__(f"resume from {offset}")
+        self.offset = offset
+
+    def body(self) -> bytes:
+        return COMPACT_JSON.encode({"error": self.message, "offset": self.offset}).encode()
+
+    def headers(self) -> list[tuple[str, str]]:
+        return [("Upload-Offset", str(self.offset))]
+
+
+class ResumeMismatch(RelayError):
+    """A resumed upload does not describe the same body as the first."""
+
+    status = 409
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"resumable relay: {what}")
+
+
+class Superseded(TransferError):
+    """A newer request took this side of a resumable relay over."""
+
+    status = 409

@@ -395,7 +395,7 @@ def simple_response(
 
 
 def error_response(err: RelayError, *, close: bool, head_only: bool = False) -> bytes:
-    extra = [("Allow", err.allow)] if isinstance(err, MethodNotAllowed) else None
+    extra = err.headers() or None
     return simple_response(
         err.status, err.content_type, err.body(), close=close, extra=extra, head_only=head_only
     )
@@ -406,6 +406,8 @@ def download_head(
     content_length: int | None,
     *,
     close_delimited: bool = False,
+    close: bool = False,
+    content_range: tuple[int, int] | None = None,
 ) -> bytes:
     """The GET's 200 head: the PUT's `COPIED_HEADERS` (``copied``), and the
     PUT's length when known, else chunked.
@@ -414,8 +416,12 @@ def download_head(
     which cannot read chunks) ends at our close; its failure is a reset. It
     is never used otherwise: a client cannot tell a truncated close-delimited
     body from a complete one unless the connection is reset (docs/runtime-facts.md
-    §7). Success answers do not announce ``Connection: close``: the
-    connection stays open for the client's next request.
+    §7). Success answers announce ``Connection: close`` only when the
+    connection will not take another request (``close``: the GET's own body
+    was not read, or it asked to close); otherwise it stays open.
+
+    ``content_range`` ``(first, complete_length)`` makes it a ``206`` for a
+    resumed download (``Content-Range: bytes first-(L-1)/L``).
     """
     given = dict(copied)
     headers = [("Content-Type", given.pop("content-type", None) or "application/octet-stream")]
@@ -426,7 +432,12 @@ def download_head(
         headers.append(("Transfer-Encoding", "chunked"))
     else:
         headers.append(("Content-Length", str(content_length)))
-    return response_head(200, headers, close=close_delimited)
+    status = 200
+    if content_range is not None:
+        first, whole = content_range
+        headers.append(("Content-Range", f"bytes {first}-{whole - 1}/{whole}"))
+        status = 206
+    return response_head(status, headers, close=close_delimited or close)
 
 
 _HEADER_CASE = {"content-disposition": "Content-Disposition", "repr-digest": "Repr-Digest"}

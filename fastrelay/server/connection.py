@@ -352,8 +352,8 @@ class HttpConnection(asyncio.BufferedProtocol):
 
     def read_requests(self) -> None:
         """Handle every complete request in ``inbuf``, in order."""
-        try:
-            while not self.write_paused:
+        while not self.write_paused:
+            try:
                 if self.phase is Phase.READING_HEAD:
                     if not self._read_head():
                         return
@@ -362,8 +362,11 @@ class HttpConnection(asyncio.BufferedProtocol):
                         return
                 else:
                     return
-        except RelayError as err:
-            self._refuse(err)
+            except RelayError as err:
+                # Answered, and on a kept connection the next pipelined
+                # request (already in inbuf) is read at once, not when more
+                # bytes happen to arrive.
+                self._refuse(err)
         if self.write_paused and self.phase is Phase.READING_HEAD:
             self.hold_answers()
 
@@ -629,6 +632,9 @@ class HttpConnection(asyncio.BufferedProtocol):
             up.head,
             down,
             download_http10=down.head.http10,
+            # The answer says it when the connection will not be kept (the
+            # GET's own body unread, or Connection: close asked for).
+            download_close=not down._keeps_connection(),
             pool=server.pool,
             timer=server.timer,
             config=server.config,

@@ -104,6 +104,7 @@ class Transfer:
     __slots__ = (
         "_buf",
         "_deadline",
+        "_download_close",
         "_draining_tail",
         "_finished",
         "_framer",
@@ -135,6 +136,7 @@ class Transfer:
         down: TransferEnd,
         *,
         download_http10: bool,
+        download_close: bool = False,
         pool: BufferPool,
         timer: LoopTimer,
         config: RelayConfig,
@@ -154,6 +156,7 @@ class Transfer:
         # an HTTP/1.0 client cannot read chunks, so it gets a close-delimited
         # body whose failure is a reset (RFC 9112 §6.3 rule 8).
         self._reframe = up_head.chunked and not download_http10
+        self._download_close = download_close
         self._buf: memoryview | None = None
         self._head: bytes | None = None
         """The download's response head until it is written (`_send`)."""
@@ -203,7 +206,10 @@ class Transfer:
         # The head leaves with the first payload bytes when they are already
         # here (a small upload often is whole): one write, one segment.
         self._head = download_head(
-            copied, length, close_delimited=head.chunked and not self._reframe
+            copied,
+            length,
+            close_delimited=head.chunked and not self._reframe,
+            close=self._download_close,
         )
         if head.expect_continue and not body_prefix:
             self.up_transport.write(CONTINUE_100)
