@@ -8,6 +8,10 @@ Configuration errors (port in use, unreadable certificate, bad flag values)
 exit with status 2 and one line on stderr, never a traceback or usage block:
 ``fastrelay: error: --ttl must be a positive number of seconds (got nan)``.
 Every message names the flag as the user types it, not the config field.
+
+With ``--log-format json`` every line ``serve`` writes is one JSON object
+(`say`): the ready line on stdout, the generated secret, start-up notes,
+these errors, log records, warnings and an unexpected traceback alike.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import asyncio
 import dataclasses
 import gc
 import importlib.metadata
+import itertools
 import logging
 import math
 import os
@@ -27,12 +32,14 @@ import signal
 import ssl
 import stat
 import sys
-from collections.abc import Sequence
-from typing import NoReturn, cast
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any, NoReturn, cast
 
 from ._version import __version__
 from .client.commands import COMMANDS as CLIENT_COMMANDS
-from .client.commands import add_client_commands, run_client_command
+from .client.commands import add_client_commands, parse_client_args, run_client_command
 from .cluster.signed_tickets import KeyFileError
 from .core.config import MAX_DURATION_S, ConfigValueError, RelayConfig, format_number
 from .core.logsafe import safe
@@ -55,6 +62,31 @@ log = logging.getLogger("fastrelay")
 
 class ConfigError(Exception):
     """A problem with the command line or the files it names."""
+
+
+# The format of the lines `serve` writes itself (set by `setup_logging`).
+_json_lines = False
+
+
+def say(
+    message: str,
+    event: str,
+    *,
+    level: int = logging.INFO,
+    stdout: bool = False,
+    fields: Mapping[str, Any] | None = None,
+) -> None:
+    """Write one line of ours (not a log record: shown at any --log-level):
+    ``fastrelay: <message>``, or with ``--log-format json`` one JSON object
+    like a log record's (``event`` names it, ``fields`` are added to it)."""
+    if _json_lines:
+        record = logging.LogRecord(log.name, level, __file__, 0, message, None, None)
+        record.event = event
+        record.fields = fields
+        line = JsonFormatter().format(record)
+    else:
+        line = f"fastrelay: {message}"
+    print(line, file=sys.stdout if stdout else sys.stderr, flush=True)
 
 
 # RelayConfig field -> the flag that sets it, so errors speak the user's words.
@@ -90,8 +122,28 @@ class Parser(argparse.ArgumentParser):
         m = _ARGUMENT.match(message)
         if m is not None:
             message = f"{m.group(1)} {m.group(2)}"
+        if self._json_errors:
+            global _json_lines
+            _json_lines = True
+            say(f"error: {safe(message, 512)}", "config_error", level=logging.ERROR)
+            self.exit(2)
         # The message may quote what the user typed, newlines and all.
         self.exit(2, f"{self.prog.split()[0]}: error: {safe(message, 512)}\n")
+
+    _json_errors = False
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        # `serve --log-format json --port abc`: the error is one JSON line
+        # too. It comes before the parse is done, so the words are looked at
+        # first (the spelled-out flag only, not an abbreviation).
+        if args is not None and self.prog.endswith(" serve"):
+            words = list(args)
+            self._json_errors = "--log-format=json" in words or any(
+                pair == ("--log-format", "json") for pair in itertools.pairwise(words)
+            )
+        return super().parse_known_args(args, namespace)
 
 
 def _number(text: str) -> float:
@@ -108,6 +160,29 @@ def _whole(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a whole number (got {text})") from None
 
 
+def _public_url(text: str) -> str:
+    # Checked at start: a bad base would only show in every mint answer.
+    try:
+        url = urllib.parse.urlsplit(text)
+        url.port  # noqa: B018 - raises ValueError for a port that is not one
+    except ValueError:
+        url = None
+    if (
+        url is None
+        or url.scheme not in ("http", "https")
+        or not url.hostname
+        or url.query
+        or url.fragment
+        or not text.isprintable()
+        or " " in text
+    ):
+        raise argparse.ArgumentTypeError(
+            "must be an http:// or https:// URL with a host, like https://relay.example.com "
+            f"(got {text})"
+        )
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="fastrelay", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"fastrelay {version()}")
@@ -118,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=_whole, default=d.port, help="port, 0 for any (%(default)s)")
     serve.add_argument(
         "--public-url",
-        help="base of upload_url/download_url in mint answers "
+        type=_public_url,
+        help="base of upload_url/download_url in mint answers, an http(s) URL "
         "(default: scheme://host:port this server listens on)",
     )
     serve.add_argument(
@@ -244,8 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level",
         default="INFO",
+        type=str.upper,  # `debug` as well as `DEBUG`
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-        help="log threshold; INFO logs one line per relay created and ended (%(default)s)",
+        help="log threshold, in any case; INFO logs one line per relay created and ended "
+        "(%(default)s)",
     )
     serve.add_argument(
         "--log-format",
@@ -361,22 +439,37 @@ def fit_max_connections(config: RelayConfig, fd_limit: int) -> RelayConfig:
     allowed = max(fd_limit - RESERVED_FDS, 1)
     if config.max_connections <= allowed:
         return config
-    print(
-        f"fastrelay: --max-connections lowered from {config.max_connections} to {allowed} "
+    say(
+        f"--max-connections lowered from {config.max_connections} to {allowed} "
         f"(open-file limit {fd_limit})",
-        file=sys.stderr,
-        flush=True,
+        "max_connections_lowered",
+        level=logging.WARNING,
+        fields={"max_connections": allowed, "requested": config.max_connections},
     )
     return dataclasses.replace(config, max_connections=allowed)
 
 
 def setup_logging(level: str, fmt: str) -> None:
+    global _json_lines
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
+        _json_lines = True
         handler.setFormatter(JsonFormatter())
+        # What Python itself would print as text goes through the log instead:
+        # warnings (a ResourceWarning, a DeprecationWarning) and a traceback
+        # that nothing caught.
+        logging.captureWarnings(True)
+        sys.excepthook = _log_uncaught
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler])
+
+
+def _log_uncaught(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, exc, tb)
+        return
+    log.critical("uncaught %s", kind.__name__, exc_info=(kind, exc, tb))
 
 
 def make_ssl(config: RelayConfig) -> ssl.SSLContext | None:
@@ -396,6 +489,7 @@ async def serve(
     ssl_ctx: ssl.SSLContext | None,
     drain_timeout_s: float,
     drain_grace_s: float = 0.0,
+    generated_secret: bool = False,
 ) -> None:
     try:
         server = RelayServer(config, ssl=ssl_ctx)
@@ -407,6 +501,14 @@ async def serve(
         raise ConfigError(
             f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
         ) from None
+    if generated_secret:
+        # Only once the port is ours: a start that fails prints no secret
+        # nobody will ever be able to use.
+        say(
+            f"generated mint secret (set {SECRET_ENV} to choose one): {config.shared_secret}",
+            "secret_generated",
+            fields={"secret": config.shared_secret},
+        )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = 0
@@ -424,11 +526,11 @@ async def serve(
     if config.wildcard_host and not config.public_url:
         # No single address of ours is the public one: a mint answer points
         # at the address its minter used (its Host header).
-        print(
-            f"fastrelay: listening on every address ({config.host or '*'}) without "
+        say(
+            f"listening on every address ({config.host or '*'}) without "
             "--public-url: mint answers take their URLs from each mint request's Host header",
-            file=sys.stderr,
-            flush=True,
+            "urls_from_host_header",
+            level=logging.WARNING,
         )
     # Everything loaded so far lives as long as the process: keep it out of
     # the cyclic collector's full passes (each one walked ~30,000 start-up
@@ -436,7 +538,7 @@ async def serve(
     gc.freeze()
     # Ready only once the handlers are in: a SIGTERM sent as soon as this
     # line is read must drain, not kill the process.
-    print(f"fastrelay: listening on {server.url}", flush=True)
+    say(f"listening on {server.url}", "listening", stdout=True, fields={"url": server.url})
     await stop.wait()
     if drain_grace_s > 0:
         log.info(
@@ -452,7 +554,12 @@ async def serve(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    # Client commands take their options anywhere (`put URL --cacert CA FILE`).
+    args = parse_client_args(parser, words)
+    if args is None:
+        args = parser.parse_args(words)
     if args.command in CLIENT_COMMANDS:
         return run_client_command(args)
     setup_logging(args.log_level, args.log_format)
@@ -463,18 +570,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args, secret)
         config = fit_max_connections(config, raise_fd_limit())
         ssl_ctx = make_ssl(config)
-        if generated:
-            print(
-                f"fastrelay: generated mint secret (set {SECRET_ENV} to choose one): {secret}",
-                file=sys.stderr,
-                flush=True,
-            )
         run = _runner(args.loop)
-        run(serve(config, ssl_ctx, args.drain_timeout, args.drain_grace))
+        run(serve(config, ssl_ctx, args.drain_timeout, args.drain_grace, generated))
     except ConfigError as exc:
         # One escaping point for every message: whatever a flag or a file
         # name held, the error stays one line.
-        print(f"fastrelay: error: {safe(exc, 2048)}", file=sys.stderr)
+        say(f"error: {safe(exc, 2048)}", "config_error", level=logging.ERROR)
         return 2
     except KeyboardInterrupt:
         return 0

@@ -14,8 +14,10 @@ import dataclasses
 import datetime as dt
 import json
 import re
-from collections.abc import Iterable
-from typing import Protocol
+import socket
+import ssl
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
 
 from ..core import errors
 
@@ -41,6 +43,9 @@ class PutResult:
     """Bytes the relay reports handed to the destination."""
     digest: str
     """Hex sha-256 of what was sent."""
+    answer: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """The relay's JSON answer as sent (``{"bytes":N,"status":"ok"}``, plus
+    ``"sha256"`` from a relay run with ``--audit-digest``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +77,39 @@ class TransferFailed(errors.RelayError):
     def __init__(self, message: str, status: int = BAD_GATEWAY) -> None:
         super().__init__(message)
         self.status = status
+
+
+class RelayUnreachable(TransferFailed):
+    """No connection to the relay: refused, unknown host, timed out, or the
+    TLS handshake failed. Nothing was sent on the ticket's behalf."""
+
+    def __init__(self, address: str, reason: str, *, untrusted: bool = False) -> None:
+        super().__init__(f"cannot reach the relay at {address}: {reason}")
+        self.address = address
+        self.reason = reason
+        self.untrusted = untrusted
+        """True when the relay's TLS certificate failed verification."""
+
+
+def describe_os_error(exc: BaseException) -> str:
+    """A socket or TLS error in words, without its Python repr.
+
+    ``str(ConnectionRefusedError(...))`` is ``[Errno 111] Connection refused``
+    and an ``ssl`` error carries ``(_ssl.c:1000)``: neither helps a user.
+    """
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        detail = exc.verify_message or exc.reason or "verification failed"
+        return f"its TLS certificate is not trusted ({detail})"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed ({exc.reason or exc.__class__.__name__})"
+    if isinstance(exc, socket.gaierror):
+        return f"unknown host ({exc.strerror})" if exc.strerror else "unknown host"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror[:1].lower() + exc.strerror[1:]
+    text = str(exc)
+    return text if text else exc.__class__.__name__
 
 
 class DigestMismatch(errors.RelayError):

@@ -21,7 +21,8 @@ of the chunked body when it is a stream. ``get`` verifies a sha-256
 
 Errors: every failure is a `fastrelay.errors.RelayError` whose ``status`` is
 an HTTP status. The relay's answers map onto the server's own error classes;
-failures only the client can see are `TransferFailed` and `DigestMismatch`.
+failures only the client can see are `TransferFailed`
+(`RelayUnreachable` when no connection was made) and `DigestMismatch`.
 """
 
 from __future__ import annotations
@@ -53,8 +54,10 @@ from .answers import (
     Progress,
     PutResult,
     RelayRefused,
+    RelayUnreachable,
     TransferFailed,
     answer_error,
+    describe_os_error,
     format_repr_digest,
     parse_repr_digest,
 )
@@ -68,6 +71,7 @@ __all__ = [
     "Progress",
     "PutResult",
     "RelayRefused",
+    "RelayUnreachable",
     "TransferFailed",
 ]
 
@@ -94,16 +98,23 @@ class _Target(NamedTuple):
     ticket: str
 
 
+_RELAY_URL_FORM = "expected http(s)://HOST[:PORT]/relay/TICKET, as the mint answer gives it"
+
+
 def _parse_relay_url(url: str) -> _Target:
     """Split ``http(s)://host[:port]/relay/<ticket>``; the ticket is the last segment."""
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port_number = parts.port  # raises on a port out of range or not a number
+    except ValueError as exc:
+        raise ValueError(f"not a relay URL ({exc}): {url}; {_RELAY_URL_FORM}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"not an http(s) URL: {url!r}")
+        raise ValueError(f"not a relay URL: {url}; {_RELAY_URL_FORM}")
     ticket = urllib.parse.unquote(parts.path.rstrip("/").rpartition("/")[2])
     if not ticket:
-        raise ValueError(f"no ticket in URL: {url!r}")
+        raise ValueError(f"no ticket in the URL: {url}; {_RELAY_URL_FORM}")
     tls = parts.scheme == "https"
-    port = parts.port or (443 if tls else 80)
+    port = port_number or (443 if tls else 80)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return _Target(tls, parts.hostname, port, target, parts.netloc.rpartition("@")[2], ticket)
 
@@ -192,8 +203,13 @@ class _Sink:
     def partial(self) -> str | None:
         return None if self._path is None else self._path + ".partial"
 
+    def open(self) -> None:
+        """Open ``<path>.partial`` now, before the GET is sent: a download
+        that cannot be written fails here, locally, without spending the
+        single-use ticket. A refusal later removes it again (`abort`)."""
+        self._opened()
+
     def _opened(self) -> IO[bytes]:
-        # Opened at the first byte, so a refused download creates no file.
         if self._file is None:
             assert self.partial is not None
             self._file = open(self.partial, "wb")  # noqa: SIM115 - closed by commit/abort
@@ -252,7 +268,8 @@ def _next_event(conn: h11.Connection) -> _Flow[h11.Event]:
             try:
                 data = yield _Recv()
             except OSError as exc:
-                raise TransferFailed(f"connection to the relay broke: {exc!r}") from exc
+                reason = describe_os_error(exc)
+                raise TransferFailed(f"the connection to the relay broke ({reason})") from exc
             conn.receive_data(data)
             continue
         if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
@@ -335,14 +352,17 @@ def _put_flow(t: _Target, body: _Body, progress: Progress, idle: float | None) -
     answer = yield from _small_body(conn)
     if event.status_code != 200:
         cause = answer_error(event.status_code, answer)
-        raise TransferFailed(f"upload failed: {cause.message}", event.status_code) from cause
+        raise TransferFailed(
+            f"the relay ended the upload: {event.status_code} {cause.message}", event.status_code
+        ) from cause
     try:
-        relayed = int(json.loads(answer)["bytes"])
+        doc = json.loads(answer)
+        relayed = int(doc["bytes"])
     except (ValueError, KeyError, TypeError) as exc:
-        raise TransferFailed(f"unexpected answer from the relay: {answer[:200]!r}") from exc
+        raise TransferFailed(f"unexpected answer from the relay: {_quote(answer)}") from exc
     if relayed != sent:
         raise TransferFailed(f"the relay delivered {relayed} of {sent} bytes")
-    return PutResult(bytes=relayed, digest=hasher.hexdigest())
+    return PutResult(bytes=relayed, digest=hasher.hexdigest(), answer=doc)
 
 
 def _get_flow(t: _Target, sink: _Sink, progress: Progress, idle: float | None) -> _Flow[GetResult]:
@@ -375,7 +395,17 @@ def _get_flow(t: _Target, sink: _Sink, progress: Progress, idle: float | None) -
     return GetResult(bytes=received, digest=hasher.hexdigest(), verified=expected is not None)
 
 
+def _quote(body: bytes) -> str:
+    """The start of an unexpected answer as text (a bytes repr reads as code)."""
+    return body[:200].decode("utf-8", "replace").strip() or "(empty)"
+
+
 # --- the two drivers: the only code that touches a socket --------------------------
+
+
+def _unreachable(t: _Target, exc: OSError) -> RelayUnreachable:
+    untrusted = isinstance(exc, ssl.SSLCertVerificationError)
+    return RelayUnreachable(f"{t.host}:{t.port}", describe_os_error(exc), untrusted=untrusted)
 
 
 def _drive_sync(t: _Target, ctx: ssl.SSLContext, timeout: float | None, flow: _Flow[T]) -> T:
@@ -389,7 +419,7 @@ def _drive_sync(t: _Target, ctx: ssl.SSLContext, timeout: float | None, flow: _F
                 raise
     except OSError as exc:
         flow.close()
-        raise TransferFailed(f"cannot connect to {t.host}:{t.port}: {exc}") from exc
+        raise _unreachable(t, exc) from exc
     with sock:
         sock.settimeout(None)
         op = next(flow)
@@ -423,7 +453,7 @@ async def _drive_async(t: _Target, ctx: ssl.SSLContext, timeout: float | None, f
         )
     except OSError as exc:
         flow.close()
-        raise TransferFailed(f"cannot connect to {t.host}:{t.port}: {exc}") from exc
+        raise _unreachable(t, exc) from exc
     idle: float | None = None
     try:
         op = next(flow)
@@ -492,13 +522,35 @@ def _mint_result(status: int, body: bytes) -> MintResult:
             expires_at=_parse_expires_at(str(doc["expires_at"])),
         )
     except (ValueError, KeyError, TypeError) as exc:
-        raise RelayRefused(status, f"unexpected mint answer: {body[:200]!r}") from exc
+        raise RelayRefused(status, f"unexpected mint answer: {_quote(body)}") from exc
 
 
 def _mint_url(base_url: str | None) -> str:
     if base_url is None:
         raise ValueError("minting needs the relay's base_url")
+    try:
+        parts = urllib.parse.urlsplit(base_url)
+        parts.port  # noqa: B018 - raises on a bad port, as httpx would later
+    except ValueError as exc:
+        raise ValueError(f"not a relay base URL ({exc}): {base_url}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not a relay base URL: {base_url}; expected http(s)://HOST[:PORT]")
     return base_url.rstrip("/") + MINT_PATH
+
+
+def _mint_failed(url: str, exc: httpx.TransportError) -> TransferFailed:
+    """httpx's error, worded: the socket or TLS error it wraps says what happened."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    address = httpx.URL(url).netloc.decode("ascii", "replace")
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        if isinstance(cause, OSError):
+            untrusted = isinstance(cause, ssl.SSLCertVerificationError)
+            return RelayUnreachable(address, describe_os_error(cause), untrusted=untrusted)
+        return RelayUnreachable(address, describe_os_error(exc))
+    reason = describe_os_error(cause) if cause is not None else describe_os_error(exc)
+    return TransferFailed(f"the mint request to {address} failed ({reason})")
 
 
 def _put_parts(url: str, source: Source) -> tuple[_Target, _Body]:
@@ -568,7 +620,7 @@ class Client(_Base):
         try:
             resp = self._http.post(url, headers=headers, json=payload)
         except httpx.TransportError as exc:
-            raise TransferFailed(f"mint request failed: {exc!r}") from exc
+            raise _mint_failed(url, exc) from exc
         return _mint_result(resp.status_code, resp.content)
 
     def put(
@@ -583,6 +635,7 @@ class Client(_Base):
 
     def get(self, download_url: str, dest: Dest, *, progress: Progress | None = None) -> GetResult:
         target, sink = _get_parts(download_url, dest)
+        sink.open()  # before the GET: see _Sink.open
         flow = _get_flow(target, sink, progress or NoProgress(), self._timeout)
         try:
             result = _drive_sync(target, self._ssl, self._timeout, flow)
@@ -635,7 +688,7 @@ class AsyncClient(_Base):
         try:
             resp = await self._http.post(url, headers=headers, json=payload)
         except httpx.TransportError as exc:
-            raise TransferFailed(f"mint request failed: {exc!r}") from exc
+            raise _mint_failed(url, exc) from exc
         return _mint_result(resp.status_code, resp.content)
 
     async def put(
@@ -652,6 +705,7 @@ class AsyncClient(_Base):
         self, download_url: str, dest: Dest, *, progress: Progress | None = None
     ) -> GetResult:
         target, sink = _get_parts(download_url, dest)
+        sink.open()  # before the GET: see _Sink.open
         flow = _get_flow(target, sink, progress or NoProgress(), self._timeout)
         try:
             result = await _drive_async(target, self._ssl, self._timeout, flow)

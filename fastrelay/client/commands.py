@@ -1,17 +1,28 @@
 """Command-line client: ``mint``, ``put`` and ``get`` subcommands.
 
-The main ``fastrelay`` CLI registers them with `add_client_commands` and
-dispatches with `run_client_command`; ``python -m fastrelay.client.commands``
-runs them standalone. Exit codes, distinct so a script can tell a retryable
-failure from a refusal:
+The main ``fastrelay`` CLI registers them with `add_client_commands`, parses
+them with `parse_client_args` (options may come anywhere, before, between or
+after the positionals) and dispatches with `run_client_command`;
+``python -m fastrelay.client.commands`` runs them standalone.
+
+Errors are one line on stderr, ``fastrelay: error: <what failed>: <why>;
+<what to do>``, never a Python repr. ``put`` prints the relay's JSON answer
+(``{"bytes":N,"status":"ok"}``) on stdout, as curl does; ``mint`` prints the
+mint answer. Exit codes, distinct so a script can tell a retryable failure
+from a refusal:
 
 ====  =========================  =================================================
 code  constant                   meaning
 ====  =========================  =================================================
 0     ``EXIT_OK``                done: minted, uploaded (relay said ``200 ok``) or
                                  downloaded and verified
-1     ``EXIT_LOCAL``             a local file could not be read or written
-2     ``EXIT_USAGE``             bad arguments (argparse errors too), no secret
+1     ``EXIT_LOCAL``             a local file could not be read or written (``put``
+                                 opens its file and ``get -o`` its ``.partial``
+                                 before the ticket is used, so failing to open
+                                 them leaves the ticket good)
+2     ``EXIT_USAGE``             bad arguments (argparse errors too, a bad URL,
+                                 ``--ttl``/``--max-bytes`` not a whole number
+                                 >= 1), no secret
 3     ``EXIT_REFUSED``           the relay answered an error before any byte
                                  moved (401, 408, 410, 413, 423, 429, 5xx ...)
 4     ``EXIT_TRANSFER_FAILED``   the relay could not be reached, or the transfer
@@ -19,6 +30,8 @@ code  constant                   meaning
                                  body, error answer after the upload began)
 5     ``EXIT_DIGEST_MISMATCH``   the bytes received do not match their
                                  ``Repr-Digest``
+130   ``EXIT_INTERRUPTED``       interrupted (SIGINT, Ctrl-C); a side that was
+                                 still waiting to be paired is released
 ====  =========================  =================================================
 
 ``get -o FILE`` writes ``FILE.partial`` and renames it only when the body is
@@ -29,15 +42,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import ssl
 import sys
 from collections.abc import Sequence
 from typing import IO, Never
 
 from tqdm import tqdm
 
-from ..client import Client, DigestMismatch, MintResult, TransferFailed
 from ..core import errors
+from ..core.logsafe import safe
+from .answers import DigestMismatch, MintResult, RelayUnreachable, TransferFailed
+from .api import Client
 
 EXIT_OK = 0
 EXIT_LOCAL = 1
@@ -45,6 +62,7 @@ EXIT_USAGE = 2
 EXIT_REFUSED = 3
 EXIT_TRANSFER_FAILED = 4
 EXIT_DIGEST_MISMATCH = 5
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 COMMANDS = ("mint", "put", "get")
 SECRET_ENV = "FASTRELAY_SHARED_SECRET"
@@ -77,15 +95,41 @@ class _Bar:
             self._bar.close()
 
 
-def add_client_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``mint``, ``put`` and ``get`` to a parser's subcommands."""
+def _positive_whole(text: str) -> int:
+    # Whole and >= 1: the wire's ttl_seconds and max_bytes are integers, and
+    # 0 or a negative value would mean "the server's default" or nonsense
+    # rather than what was typed. Omit the flag for the default.
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number, at least 1 (got {text})")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0 (got {text})")
+    return value
+
+
+def add_client_commands(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> dict[str, argparse.ArgumentParser]:
+    """Add ``mint``, ``put`` and ``get`` to a parser's subcommands; returns
+    their parsers by name."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--cacert", metavar="FILE", help="PEM CA bundle to verify the relay's TLS certificate"
     )
     common.add_argument(
         "--timeout",
-        type=float,
+        type=_positive_seconds,
         default=60.0,
         metavar="SECONDS",
         help="connect timeout and, once bytes move, idle timeout (default 60)",
@@ -98,8 +142,19 @@ def add_client_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     mint.add_argument("--workspace", required=True)
     mint.add_argument("--source", required=True, help="source executor id")
     mint.add_argument("--dest", required=True, help="destination executor id")
-    mint.add_argument("--ttl", type=float, metavar="SECONDS", help="pairing deadline")
-    mint.add_argument("--max-bytes", type=int, default=0, metavar="N", help="0: no limit")
+    mint.add_argument(
+        "--ttl",
+        type=_positive_whole,
+        metavar="SECONDS",
+        help="pairing deadline, whole seconds (default: the relay's --ttl)",
+    )
+    mint.add_argument(
+        "--max-bytes",
+        type=_positive_whole,
+        default=0,
+        metavar="N",
+        help="largest upload the ticket takes (default: no limit)",
+    )
     mint.add_argument(
         "--shared-secret-file", metavar="FILE", help=f"mint secret (default: ${SECRET_ENV})"
     )
@@ -121,6 +176,30 @@ def add_client_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     )
     get.add_argument("url", metavar="URL")
     get.add_argument("-o", "--output", metavar="FILE", help="default: stdout")
+    return {"mint": mint, "put": put, "get": get}
+
+
+def parse_client_args(
+    parser: argparse.ArgumentParser, argv: Sequence[str]
+) -> argparse.Namespace | None:
+    """``argv`` parsed when it is a client command (``argv[0]`` is ``mint``,
+    ``put`` or ``get`` of ``parser``'s subcommands), else None.
+
+    A subparser run by its parent takes its positionals in one greedy pass,
+    so ``put URL --cacert CA FILE`` leaves FILE "unrecognized". The
+    subcommand's own parser is therefore run with ``parse_intermixed_args``
+    (which refuses the parent: it has subparsers) on the words after the
+    command.
+    """
+    if not argv or argv[0] not in COMMANDS:
+        return None
+    for action in parser._actions:  # argparse has no public way back to a subparser
+        if isinstance(action, argparse._SubParsersAction) and argv[0] in action.choices:
+            sub: argparse.ArgumentParser = action.choices[argv[0]]
+            args = argparse.Namespace(command=argv[0])
+            sub.parse_intermixed_args(argv[1:], args)  # fills args in place
+            return args
+    return None
 
 
 def run_client_command(args: argparse.Namespace) -> int:
@@ -136,21 +215,107 @@ def run_client_command(args: argparse.Namespace) -> int:
         finally:
             if bar is not None:
                 bar.close()
+    except KeyboardInterrupt:
+        # Ctrl-C is an answer, not a crash: no traceback. Unwinding closed
+        # the socket, which releases a side still waiting to be paired.
+        return _fail(EXIT_INTERRUPTED, f"{_doing(args)} interrupted")
     except DigestMismatch as exc:
-        return _fail(EXIT_DIGEST_MISMATCH, exc)
+        return _fail(
+            EXIT_DIGEST_MISMATCH,
+            f"{_doing(args)} failed: {exc}",
+            "the bytes were corrupted on the way and no file was kept; "
+            "mint a new ticket and send again",
+        )
+    except RelayUnreachable as exc:
+        hint = (
+            "pass --cacert FILE with the CA that signed the relay's certificate"
+            if exc.untrusted
+            else "check the URL and that the relay is running"
+        )
+        return _fail(EXIT_TRANSFER_FAILED, f"{_doing(args)} failed: {exc}", hint)
     except TransferFailed as exc:
-        return _fail(EXIT_TRANSFER_FAILED, exc)
+        return _fail(
+            EXIT_TRANSFER_FAILED,
+            f"{_doing(args)} failed: {exc}",
+            "the transfer did not complete; mint a new ticket and send again",
+        )
     except errors.RelayError as exc:
-        return _fail(EXIT_REFUSED, exc, f"relay answered {exc.status}: ")
+        return _fail(
+            EXIT_REFUSED,
+            f"{_doing(args)} refused by the relay: {exc.status} {exc.message}",
+            _refusal_hint(args, exc),
+        )
     except ValueError as exc:
-        return _fail(EXIT_USAGE, exc)
+        return _fail(EXIT_USAGE, str(exc))
     except OSError as exc:
-        return _fail(EXIT_LOCAL, exc)
+        return _fail(EXIT_LOCAL, _local_error(exc), _local_hint(args, exc))
 
 
-def _fail(code: int, exc: BaseException, prefix: str = "") -> int:
-    print(f"fastrelay {prefix}{exc}", file=sys.stderr)
+def _fail(code: int, message: str, hint: str = "") -> int:
+    # safe(): one line whatever a URL, file name or relay answer held.
+    line = f"{message}; {hint}" if hint else message
+    print(f"fastrelay: error: {safe(line, 2048)}", file=sys.stderr, flush=True)
     return code
+
+
+def _shown_url(url: str) -> str:
+    """``url`` with its ticket cut to its first characters: a ticket is the
+    whole credential of a transfer, and stderr often ends up in CI logs."""
+    head, sep, ticket = url.rstrip("/").rpartition("/")
+    if not sep or len(ticket) <= 12 or "://" not in head:
+        return url
+    return f"{head}/{ticket[:8]}…"
+
+
+def _doing(args: argparse.Namespace) -> str:
+    """What the command was doing, naming the URL: "upload to http://…"."""
+    if args.command == "mint":
+        return f"mint at {args.base_url}"
+    if args.command == "put":
+        return f"upload to {_shown_url(args.url)}"
+    return f"download from {_shown_url(args.url)}"
+
+
+def _refusal_hint(args: argparse.Namespace, exc: errors.RelayError) -> str:
+    if isinstance(exc, errors.MintUnauthorized) or (args.command == "mint" and exc.status == 401):
+        return f"check the mint secret (${SECRET_ENV} or --shared-secret-file)"
+    if exc.status == 401:
+        return "use the upload_url/download_url exactly as the mint answer gave it"
+    if isinstance(exc, errors.TicketNotFound):
+        return "the ticket is unknown, already used or expired: mint a new one"
+    if isinstance(exc, errors.SideAlreadyClaimed):
+        return f"another {exc.side} is using this ticket; a ticket takes one PUT and one GET"
+    if isinstance(exc, errors.PairingTimeout):
+        return (
+            "the other side did not arrive before the ticket expired; "
+            "mint a new ticket (a longer --ttl gives it more time)"
+        )
+    if isinstance(exc, errors.PayloadTooLarge):
+        return "the upload is larger than the ticket's --max-bytes"
+    if isinstance(exc, errors.WorkspaceCapReached):
+        return "the workspace holds too many live tickets; retry when transfers end"
+    if exc.status >= 500:
+        return "the relay is busy or shutting down; retry later"
+    return ""
+
+
+def _local_error(exc: OSError) -> str:
+    reason = exc.strerror or str(exc) or exc.__class__.__name__
+    if exc.filename is None:
+        return f"local I/O failed: {reason}"
+    return f"cannot open {exc.filename}: {reason}"
+
+
+def _local_hint(args: argparse.Namespace, exc: OSError) -> str:
+    if exc.filename is None:
+        return ""
+    if exc.filename == getattr(args, "cacert", None):
+        return "--cacert takes a readable PEM file of CA certificates"
+    if args.command == "put" and exc.filename == args.file:
+        return "check the file to upload"
+    if args.command == "get" and exc.filename == f"{args.output}.partial":
+        return "check that the output's directory exists and is writable"
+    return ""
 
 
 def _wants_progress(flag: bool | None) -> bool:
@@ -161,9 +326,17 @@ def _wants_progress(flag: bool | None) -> bool:
 
 def _client(args: argparse.Namespace, secret: str | None = None) -> Client:
     verify: str | bool = args.cacert if args.cacert else True
-    return Client(
-        getattr(args, "base_url", None), secret=secret, verify=verify, timeout=args.timeout
-    )
+    try:
+        return Client(
+            getattr(args, "base_url", None), secret=secret, verify=verify, timeout=args.timeout
+        )
+    except OSError as exc:  # only --cacert is read here; ssl.SSLError: not PEM
+        reason = (
+            f"no CA certificate in it ({exc.reason})"
+            if isinstance(exc, ssl.SSLError)
+            else exc.strerror
+        )
+        raise OSError(exc.errno or 0, reason, args.cacert) from exc
 
 
 def _read_secret(args: argparse.Namespace) -> str:
@@ -198,7 +371,10 @@ def _mint_json(result: MintResult) -> dict[str, str]:
 def _put(args: argparse.Namespace, bar: _Bar | None) -> int:
     source: str | IO[bytes] = sys.stdin.buffer if args.file == "-" else args.file
     with _client(args) as client:
-        client.put(args.url, source, progress=bar)
+        result = client.put(args.url, source, progress=bar)
+    # Like curl: the relay's answer, so a script gets the byte count (and the
+    # sha256 of a relay run with --audit-digest).
+    print(json.dumps(dict(result.answer), separators=(",", ":")))
     return EXIT_OK
 
 
@@ -213,7 +389,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Standalone entry point: ``python -m fastrelay.client.commands {mint,put,get} ...``."""
     parser = argparse.ArgumentParser(prog="fastrelay-client", description=__doc__.split("\n")[0])
     add_client_commands(parser.add_subparsers(dest="command", required=True))
-    return run_client_command(parser.parse_args(argv))
+    words = sys.argv[1:] if argv is None else list(argv)
+    args = parse_client_args(parser, words)
+    return run_client_command(args if args is not None else parser.parse_args(words))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,20 @@
 """The README's walkthroughs, run as a user would paste them.
 
-Each block marked ``<!-- readme-test: NAME -->`` in README.md is run with
-``bash -euo pipefail -c`` in a temporary directory against a real
-``fastrelay serve --port 0`` subprocess. Only two things are rewritten: the
-address ``127.0.0.1:8080`` becomes the server's real one, and the
-placeholder secret of the block's ``export SECRET=...`` line becomes the
-server's. The blocks create their own input (``data.bin``) and download
-``received.bin``; the test checks both exist and are equal.
+The README's command blocks paste as is, in one shell, top to bottom. So
+the test for a block marked ``<!-- readme-test: NAME -->`` runs every marked
+block up to and including it, in README order, as one ``bash -euo pipefail``
+script in a temporary directory, against a real ``fastrelay serve --port 0``
+subprocess. The one rewrite is the address ``127.0.0.1:8080``, which
+becomes the server's real one. The environment is what the quick start
+leaves in its shell: ``$FASTRELAY_SHARED_SECRET`` exported and a ``.venv``
+in the current directory (a link to the one running the tests), whose
+``bin`` is *not* on the PATH: the client walkthrough must put it there
+itself.
+
+The blocks create their own input (``data.bin``, ``dir/``) and their
+outputs; each ends with a check that echoes a line only when the bytes
+arrived whole, and the test looks for those lines (under ``set -e`` a failed
+``cmp ... && echo`` in mid-script would go unnoticed).
 """
 
 from __future__ import annotations
@@ -28,10 +36,19 @@ SECRET = "readme-test-secret"
 README_ADDRESS = "127.0.0.1:8080"
 MARKER = re.compile(r"^<!-- readme-test: ([\w-]+) -->\n```sh\n(.*?)^```$", re.M | re.S)
 EXPORT_SECRET = re.compile(r"^export SECRET='[^'\n]*'$", re.M)
-BIN = pathlib.Path(sys.executable).parent  # .venv/bin: fastrelay, python3
+SH_BLOCK = re.compile(r"^```sh\n(.*?)^```$", re.M | re.S)
+VENV = pathlib.Path(sys.prefix)  # the venv running the tests: bin/fastrelay
+BIN = VENV / "bin"
+# Block -> the lines its own final check echoes when the bytes arrived whole.
+WALKTHROUGHS = {
+    "curl-walkthrough": "received.bin is data.bin",
+    "curl-stream": "unpacked/dir is dir",
+    "client-walkthrough": "received.bin is data.bin",
+}
 
 
 def readme_blocks() -> dict[str, str]:
+    """The marked blocks, in README order (dicts keep insertion order)."""
     blocks: dict[str, str] = {}
     for name, body in MARKER.findall(README.read_text(encoding="utf-8")):
         assert name not in blocks, f"two README blocks named {name}"
@@ -41,10 +58,25 @@ def readme_blocks() -> dict[str, str]:
 
 def test_readme_has_the_marked_walkthroughs() -> None:
     blocks = readme_blocks()
-    assert set(blocks) == {"curl-walkthrough", "client-walkthrough"}
+    assert list(blocks) == list(WALKTHROUGHS)
     for body in blocks.values():
-        assert README_ADDRESS in body
-        assert len(EXPORT_SECRET.findall(body)) == 1
+        assert not EXPORT_SECRET.findall(body), "a placeholder secret: not paste-able as is"
+    assert README_ADDRESS in blocks["curl-walkthrough"]
+    assert README_ADDRESS in blocks["client-walkthrough"]
+    # The client walkthrough finds `fastrelay` by itself, not by a PATH the
+    # prose told the reader to set.
+    assert 'export PATH="$PWD/.venv/bin:$PATH"' in blocks["client-walkthrough"]
+
+
+def test_readme_quick_start_leaves_the_shell_usable() -> None:
+    """The quick start's first block, which the test cannot run (it installs
+    the package and takes port 8080), leaves what the walkthroughs use: the
+    secret exported and the relay in the background, waited for."""
+    first = SH_BLOCK.findall(README.read_text(encoding="utf-8"))[0]
+    assert "export FASTRELAY_SHARED_SECRET=" in first
+    serve = next(line for line in first.splitlines() if "fastrelay serve" in line)
+    assert re.search(r"&\s*(#.*)?$", serve), serve
+    assert f"http://{README_ADDRESS}/healthz" in first
 
 
 @pytest.fixture(scope="module")
@@ -73,14 +105,17 @@ def relay_address() -> Iterator[str]:
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
-@pytest.mark.parametrize("name", ["curl-walkthrough", "client-walkthrough"])
+@pytest.mark.parametrize("name", list(WALKTHROUGHS))
 def test_readme_walkthrough_runs(name: str, relay_address: str, tmp_path: pathlib.Path) -> None:
-    script = readme_blocks()[name]
-    script = EXPORT_SECRET.sub(f"export SECRET='{SECRET}'", script)
-    script = script.replace(README_ADDRESS, relay_address)
-    # The script gets the secret only through its own export line.
-    env = {k: v for k, v in os.environ.items() if k != "FASTRELAY_SHARED_SECRET"}
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    blocks = readme_blocks()
+    names = list(blocks)[: list(blocks).index(name) + 1]  # this one and those above it
+    script = "\n".join(blocks[n] for n in names).replace(README_ADDRESS, relay_address)
+    # The quick start's shell: the secret it exported, its .venv here, and
+    # that venv's bin not on the PATH (python3 and curl are the system's).
+    (tmp_path / ".venv").symlink_to(VENV, target_is_directory=True)
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and pathlib.Path(p) != BIN]
+    env = {**os.environ, "FASTRELAY_SHARED_SECRET": SECRET, "PATH": os.pathsep.join(path)}
+    env.pop("VIRTUAL_ENV", None)
     out = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", script],
         cwd=tmp_path,
@@ -89,8 +124,18 @@ def test_readme_walkthrough_runs(name: str, relay_address: str, tmp_path: pathli
         text=True,
         timeout=120,
     )
-    assert out.returncode == 0, f"stdout:\n{out.stdout}\nstderr:\n{out.stderr}"
+    report = f"stdout:\n{out.stdout}\nstderr:\n{out.stderr}"
+    assert out.returncode == 0, report
+    for n in names:  # each block's own check passed, in order
+        assert WALKTHROUGHS[n] in out.stdout.splitlines(), report
+    assert out.stdout.splitlines().count("received.bin is data.bin") == sum(
+        WALKTHROUGHS[n] == "received.bin is data.bin" for n in names
+    ), report
     sent, received = tmp_path / "data.bin", tmp_path / "received.bin"
     assert sent.stat().st_size == 1_000_000
     assert received.read_bytes() == sent.read_bytes()
     assert not (tmp_path / "received.bin.partial").exists()
+    if name == "client-walkthrough":
+        # `fastrelay put` prints the relay's answer, as curl does (the curl
+        # walkthrough's upload printed the first of these two lines).
+        assert out.stdout.count('{"bytes":1000000,"status":"ok"}') == 2, report
