@@ -270,10 +270,24 @@ class MintUnauthorized(Unauthorized):
 
 
 class InvalidJSON(MintError):
+    """A mint body Go's decoder would refuse: not JSON, not an object, or a
+    known field of the wrong type.
+
+    The message starts with Go's text, ``invalid JSON``, which byte-compatible
+    clients match; ``detail`` follows it (``invalid JSON: ttl_seconds must be
+    a whole number of seconds``) so the orchestrator learns what to fix.
+    Details are our own fixed phrases, field names and positions, or the json
+    module's own message: never text copied from the body. ``field`` is the
+    JSON key at fault, or None when the body as a whole is."""
+
     status = 400
 
-    def __init__(self) -> None:
-        super().__init__("invalid JSON")
+    PREFIX = "invalid JSON"
+
+    def __init__(self, detail: str | None = None, field: str | None = None) -> None:
+        super().__init__(f"{self.PREFIX}: {detail}" if detail else self.PREFIX)
+        self.detail = detail
+        self.field = field
 
 
 class MissingIds(MintError):

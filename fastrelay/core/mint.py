@@ -5,7 +5,12 @@ be an object; fields of the wrong type (a string ``ttl_seconds``, a float
 ``max_bytes``) are "invalid JSON"; unknown fields are ignored; duplicate keys
 keep the last value; ``null`` is the empty object; the three ids must be
 non-empty strings. ``ttl_seconds``/``max_bytes`` of 0, negative or absent
-mean "default" and "unlimited".
+mean "default" and "unlimited" (Go's meaning, so they are accepted).
+
+Every 400 says what is wrong: an `InvalidJSON` keeps Go's ``invalid JSON``
+as the prefix of its message (clients written against the Go relay match
+that) and adds a detail after it: the field and the type it must have, or
+the decoder's own short message and position.
 
 On top of Go's rules the body is bounded before it can hurt us (see
 docs/operations.md, "Input limits (mint)"): it must be UTF-8 without a BOM,
@@ -28,7 +33,18 @@ from typing import Any, NoReturn
 from .errors import COMPACT_JSON, InvalidField, InvalidJSON, MintUnauthorized, MissingIds
 from .tickets import extract_bearer_ticket
 
+# Go decodes ttl_seconds and max_bytes into int64: outside this range its
+# decode fails, so ours does too.
+_MIN_INT64 = -(2**63)
 _MAX_INT64 = 2**63 - 1
+
+# A detail taken from the json module stays one short line of printable
+# ASCII (the JSON encoder then escapes quotes and backslashes).
+_DETAIL_LIMIT = 100
+_NOT_PLAIN = re.compile("[^\x20-\x7e]")
+
+# What each integer field counts, for "must be a whole number of <unit>".
+_INT_FIELDS = (("ttl_seconds", "seconds"), ("max_bytes", "bytes"))
 
 MAX_DEPTH = 32
 """Deepest ``[``/``{`` nesting accepted. A mint request needs 1; the bound
@@ -89,9 +105,27 @@ def _too_deep(body: bytes) -> bool:
     return False
 
 
+class _NotJSONConstant(ValueError):
+    """NaN, Infinity or -Infinity: Python's extensions, which JSON lacks."""
+
+
 def _reject_constant(name: str) -> NoReturn:
     # Python accepts NaN/Infinity/-Infinity; Go's decoder (and JSON) do not.
-    raise ValueError(name)
+    raise _NotJSONConstant(name)
+
+
+def _kind(value: object) -> str:
+    """The JSON type of a decoded value, for "must be X, not <kind>". One of
+    a fixed few words: a detail never echoes what the client sent."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
 
 
 # One decoder for every mint: json.loads with options builds one per call
@@ -101,25 +135,39 @@ _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 def _decode(body: bytes) -> Any:
     if body.startswith(b"\xef\xbb\xbf"):
-        raise InvalidJSON()  # Go rejects a BOM as an invalid character
+        # Go rejects a BOM as an invalid character.
+        raise InvalidJSON("body starts with a byte order mark")
     try:
         # Decode explicitly: json.loads(bytes) would guess UTF-16/32 and
         # accept what Go refuses. Strict UTF-8 turns those into NULs and
         # stray bytes, which json.loads then rejects.
         text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidJSON() from None
+    except UnicodeDecodeError as exc:
+        # ``reason`` is the codec's fixed phrase ("invalid start byte").
+        raise InvalidJSON(f"body is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if not text.strip(" \t\r\n"):  # JSON's whitespace only
+        raise InvalidJSON("empty body")
     # Fewer brackets than the limit cannot nest past it: skip the scan (the
     # usual mint has exactly one).
     if body.count(b"[") + body.count(b"{") > MAX_DEPTH and _too_deep(body):
-        raise InvalidJSON()
+        raise InvalidJSON(f"nested deeper than {MAX_DEPTH} levels")
     try:
         return _DECODER.decode(text)
-    except (ValueError, RecursionError):
-        # ValueError covers syntax errors and ints of more digits than
-        # sys.get_int_max_str_digits; RecursionError is unreachable after
-        # the depth scan and caught only as a last line of defence.
-        raise InvalidJSON() from None
+    except json.JSONDecodeError as exc:
+        # ``msg`` is the json module's own fixed text ("Expecting value",
+        # "Unterminated string starting at"), never a copy of the body; the
+        # position tells the client where.
+        where = f"{exc.msg.removesuffix(' at')} at line {exc.lineno} column {exc.colno}"
+        raise InvalidJSON(_NOT_PLAIN.sub("?", where)[:_DETAIL_LIMIT]) from None
+    except _NotJSONConstant as exc:
+        raise InvalidJSON(f"{exc} is not valid JSON") from None
+    except ValueError:
+        # What is left of ValueError: an int of more digits than
+        # sys.get_int_max_str_digits.
+        raise InvalidJSON("a number has too many digits") from None
+    except RecursionError:
+        # Unreachable after the depth scan; caught as a last line of defence.
+        raise InvalidJSON(f"nested deeper than {MAX_DEPTH} levels") from None
 
 
 def _clean_id(key: str, value: str) -> str:
@@ -145,20 +193,26 @@ def parse_mint_request(body: bytes, max_ttl_s: float = DEFAULT_MAX_TTL_S) -> Min
     if doc is None:  # Go decodes null into the zero struct
         doc = {}
     if not isinstance(doc, dict):
-        raise InvalidJSON()
+        raise InvalidJSON(f"body must be a JSON object, not {_kind(doc)}")
     ids: list[str] = []
     for key in ID_FIELDS:
-        value = doc.get(key)
+        value = doc.get(key)  # null: Go leaves the field empty
         if value is not None and not isinstance(value, str):
-            raise InvalidJSON()
+            raise InvalidJSON(f"{key} must be a string, not {_kind(value)}", key)
         ids.append(value or "")
     ints: list[int] = []
-    for key in ("ttl_seconds", "max_bytes"):
+    for key, unit in _INT_FIELDS:
         value = doc.get(key)
         if value is None:
             value = 0
-        if isinstance(value, bool) or not isinstance(value, int) or abs(value) > _MAX_INT64:
-            raise InvalidJSON()  # Go: not an int64, so the decode fails
+        # Go: not an int64, so the decode fails. A float is refused even
+        # when whole (1.0, 1e3), as Go refuses it.
+        if isinstance(value, bool) or not isinstance(value, int):
+            number = isinstance(value, float)
+            detail = f"{key} must be a whole number of {unit}"
+            raise InvalidJSON(detail if number else f"{detail}, not {_kind(value)}", key)
+        if not _MIN_INT64 <= value <= _MAX_INT64:
+            raise InvalidJSON(f"{key} must fit in a signed 64-bit integer", key)
         ints.append(value)
     if not all(ids):
         raise MissingIds()

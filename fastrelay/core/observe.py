@@ -1,6 +1,7 @@
-"""Outcome records: one log line and a few counters per finished relay.
+"""Outcome records: one log line and a few counters per finished relay, and
+counters of mint answers and relay-path refusals (`Metrics`).
 
-Everything here runs once per relay, never per chunk. Tickets never appear:
+Everything here runs once per relay or per answer, never per chunk. Tickets never appear:
 only `tickets.ticket_id`, a short hash that cannot be turned back into the
 ticket. Every client-supplied value (ids, error messages) goes through
 `logsafe.safe` in the text message, so a record is always one bounded line
@@ -11,9 +12,20 @@ whatever the client sent. The same values also travel as structured fields
 
 from __future__ import annotations
 
+import bisect
 import logging
 from typing import Protocol
 
+from .errors import (
+    ClusterUnavailable,
+    MintBodyTooLarge,
+    MintDisabled,
+    RelayError,
+    RequestTimeout,
+    Unauthorized,
+    WorkspaceCapReached,
+)
+from .heads import MINT_PATH, RELAY_PREFIX, RequestHead
 from .logsafe import safe
 from .mint import MAX_ID_BYTES
 from .session import Outcome, RelaySession
@@ -58,17 +70,128 @@ class Finished(TicketIds, Protocol):
     def error(self) -> Exception | None: ...
 
 
-class Metrics:
-    """Counters derived from outcomes; `metrics.RelayCollector` exposes them."""
+# Histogram buckets (upper bounds, seconds). Histograms, not summaries: a
+# summary's quantiles cannot be added up across nodes, and one with only
+# _sum/_count gives a mean and nothing else; per-bucket counts sum across
+# nodes and give any quantile (histogram_quantile) and the share under a
+# threshold (an SLO). Each bucket is one more series per node, so the bounds
+# are few, chosen for where these durations actually fall:
+#
+# Pairing (mint to the second side's arrival): both curls usually start right
+# after the mint, so most pairings take milliseconds; a slow executor start
+# takes seconds to minutes; past that a ticket waits towards its TTL (default
+# 300 s, at most --max-ttl, default 86400 s), the region that tells
+# "executor never came" apart from "executor was slow".
+PAIRING_BUCKETS_S: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
+    60, 120, 300, 600, 1800, 3600, 21600, 86400,
+)  # fmt: skip
+# Transfer (pairing to end): a small file on a fast link ends in about a
+# millisecond, 1 GiB on loopback in under a second, a large file over a WAN
+# in minutes to hours; the TTL does not bound it (only the idle timeout does).
+TRANSFER_BUCKETS_S: tuple[float, ...] = (
+    0.001, 0.005, 0.025, 0.1, 0.25, 1, 2.5, 10, 30, 60, 300, 900,
+    1800, 3600, 7200, 14400, 43200,
+)  # fmt: skip
 
-    __slots__ = ("bytes_total", "outcomes", "paired", "pairing_s_sum", "transfer_s_sum")
+MINT_OUTCOMES = (
+    "created",
+    "unauthorized",
+    "invalid",
+    "too_large",
+    "cap_reached",
+    "disabled",
+    "cluster_unavailable",
+    "timeout",
+    "error",
+)
+"""Every label of ``fastrelay_mints_total``: a fixed set, decided by the
+error's class (`mint_outcome`), never by anything the client sent."""
+
+RELAY_REFUSAL_STATUSES = (401, 408, 410, 413, 421, 423, 502, 503)
+"""Statuses of relay-path refusals shown at 0 before their first occurrence,
+so a rate() or increase() alert sees the first burst (a series that appears
+at 1 has no earlier sample to increase from). Other statuses of the error
+tree (400, 404, 405, 500 ...) appear when they first happen."""
+
+
+class Histogram:
+    """Counts per bucket plus a sum: one `observe` per finished relay (a
+    bisect over ~20 bounds), read whole at scrape time."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        assert list(bounds) == sorted(set(bounds)), "bounds must increase"
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound (+Inf)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        # bisect_left: a value equal to a bound belongs to that bucket (le).
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """``(upper bound, observations <= it)`` for each bound and +Inf, as
+        Prometheus buckets are cumulative."""
+        out: list[tuple[float, int]] = []
+        total = 0
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            total += n
+            out.append((bound, total))
+        return out
+
+
+def mint_outcome(err: RelayError) -> str:
+    """The ``fastrelay_mints_total`` label of a refused mint request."""
+    if isinstance(err, Unauthorized):
+        return "unauthorized"
+    if isinstance(err, MintBodyTooLarge):
+        return "too_large"
+    if isinstance(err, WorkspaceCapReached):
+        return "cap_reached"
+    if isinstance(err, ClusterUnavailable):
+        return "cluster_unavailable"
+    if isinstance(err, MintDisabled):
+        return "disabled"  # no secret, draining, or --max-pending reached
+    if isinstance(err, RequestTimeout):
+        return "timeout"  # the body did not arrive within --header-timeout
+    if err.status == 400:
+        return "invalid"  # InvalidJSON, MissingIds, InvalidField, bad chunk framing
+    return "error"  # a bug (500) or an answer not foreseen here
+
+
+class Metrics:
+    """Counters derived from outcomes and refusals; `metrics.RelayCollector`
+    exposes them. Plain ints, no locks: everything runs on the loop thread."""
+
+    __slots__ = ("bytes_total", "mints", "outcomes", "pairing", "relay_refusals", "transfer")
 
     def __init__(self) -> None:
         self.outcomes: dict[Outcome, int] = dict.fromkeys(Outcome, 0)
         self.bytes_total = 0
-        self.paired = 0
-        self.pairing_s_sum = 0.0
-        self.transfer_s_sum = 0.0
+        self.pairing = Histogram(PAIRING_BUCKETS_S)
+        self.transfer = Histogram(TRANSFER_BUCKETS_S)
+        self.mints: dict[str, int] = dict.fromkeys(MINT_OUTCOMES, 0)
+        self.relay_refusals: dict[int, int] = dict.fromkeys(RELAY_REFUSAL_STATUSES, 0)
+
+    @property
+    def paired(self) -> int:
+        """Relays that paired (both histograms count each once)."""
+        return self.pairing.count
+
+    @property
+    def pairing_s_sum(self) -> float:
+        return self.pairing.sum
+
+    @property
+    def transfer_s_sum(self) -> float:
+        return self.transfer.sum
 
     def record(self, relay: Finished) -> None:
         session = relay.session
@@ -76,9 +199,28 @@ class Metrics:
         self.outcomes[session.outcome] += 1
         self.bytes_total += relay.bytes
         if session.paired:
-            self.paired += 1
-            self.pairing_s_sum += session.waited_s()
-            self.transfer_s_sum += session.transfer_s()
+            self.pairing.observe(session.waited_s())
+            self.transfer.observe(session.transfer_s())
+
+    def minted(self) -> None:
+        """A mint request answered 201."""
+        self.mints["created"] += 1
+
+    def refused(self, err: RelayError, head: RequestHead | None) -> None:
+        """An error answer written for ``head`` (None: no head was parsed).
+
+        Counted once per answer, where it is written. The labels come from
+        the error's class (its status, or `mint_outcome`) and the route's
+        fixed path, so their number is bounded by the error tree whatever
+        the client sends; a request with no parsed head is on no route."""
+        if head is None:
+            return
+        path = head.path
+        if path.startswith(RELAY_PREFIX):
+            status = err.status
+            self.relay_refusals[status] = self.relay_refusals.get(status, 0) + 1
+        elif path == MINT_PATH and head.method == "POST":
+            self.mints[mint_outcome(err)] += 1
 
 
 def _cut(value: object) -> str:

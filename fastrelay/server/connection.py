@@ -783,6 +783,7 @@ class HttpConnection(asyncio.BufferedProtocol):
         if self.phase in (Phase.CLOSED, Phase.LINGERING) or self.transport.is_closing():
             return
         head = self.head
+        self.server.registry.metrics.refused(err, head)  # counted once, where it is written
         keep = self._keeps_connection(err)
         self.transport.write(
             error_response(

@@ -23,13 +23,14 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     Metric,
-    SummaryMetricFamily,
 )
 from prometheus_client.openmetrics import exposition as _openmetrics
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString as _untyped_float_to_go_string
 
-from ..core.observe import Metrics
+from ..core.observe import Histogram, Metrics
 
 __all__ = [
     "OPENMETRICS_CONTENT_TYPE",
@@ -45,6 +46,7 @@ OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset
 _OPENMETRICS = "application/openmetrics-text"
 # Not annotated upstream.
 _generate_openmetrics = cast(Callable[[CollectorRegistry], bytes], _openmetrics.generate_latest)
+_float_to_go_string = cast(Callable[[float], str], _untyped_float_to_go_string)
 
 
 class MetricsSource(Protocol):
@@ -106,18 +108,31 @@ class RelayCollector(Collector):
         yield GaugeMetricFamily(
             "fastrelay_connections", "Open client connections.", value=src.open_connections
         )
-        yield SummaryMetricFamily(
-            "fastrelay_pairing_seconds",
-            "Mint-to-pairing time of paired relays.",
-            count_value=m.paired,
-            sum_value=m.pairing_s_sum,
+        # Histograms (they were summaries with _sum/_count only): buckets
+        # add up across nodes and give quantiles; observe.py says why these
+        # bounds. _sum and _count are the same series as before.
+        yield _histogram(
+            "fastrelay_pairing_seconds", "Mint-to-pairing time of paired relays.", m.pairing
         )
-        yield SummaryMetricFamily(
-            "fastrelay_transfer_seconds",
-            "Pairing-to-end time of paired relays.",
-            count_value=m.paired,
-            sum_value=m.transfer_s_sum,
+        yield _histogram(
+            "fastrelay_transfer_seconds", "Pairing-to-end time of paired relays.", m.transfer
         )
+        mints = CounterMetricFamily(
+            "fastrelay_mints",
+            "Mint requests answered, by outcome (created, or why refused).",
+            labels=["outcome"],
+        )
+        for label, n in m.mints.items():
+            mints.add_metric([label], n)
+        yield mints
+        refusals = CounterMetricFamily(
+            "fastrelay_relay_refusals",
+            "Error answers to PUT/GET /relay/{ticket} before any byte moved, by HTTP status.",
+            labels=["status"],
+        )
+        for status, n in sorted(m.relay_refusals.items()):
+            refusals.add_metric([str(status)], n)
+        yield refusals
         yield CounterMetricFamily(
             "fastrelay_refused_connections",
             "Connections closed at once (--max-connections or draining).",
@@ -141,6 +156,13 @@ class RelayCollector(Collector):
                 "Calls to the shared ledger (Redis) that failed or timed out.",
                 value=errors,
             )
+
+
+def _histogram(name: str, documentation: str, histogram: Histogram) -> HistogramMetricFamily:
+    # floatToGoString: the ``le`` spelling Prometheus clients share ("0.005",
+    # "1.0", "+Inf"), so series from every node line up.
+    buckets = [(_float_to_go_string(bound), n) for bound, n in histogram.cumulative()]
+    return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=histogram.sum)
 
 
 class _BuildInfo(Collector):

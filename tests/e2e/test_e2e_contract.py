@@ -264,7 +264,14 @@ def test_mint_201(relay: Relay) -> None:
     ("body", "secret", "status", "expected"),
     [
         (None, "wrong", 401, b"unauthorized\n"),
-        (b"{nope", SECRET, 400, b'{"error":"invalid JSON"}\n'),
+        # Go's text first (clients match the prefix), then what is wrong.
+        (
+            b"{nope",
+            SECRET,
+            400,
+            b'{"error":"invalid JSON: Expecting property name enclosed in double quotes'
+            b' at line 1 column 2"}\n',
+        ),
         (
             {"workspace_id": "w", "source_exe_id": "s"},
             SECRET,
@@ -275,7 +282,8 @@ def test_mint_201(relay: Relay) -> None:
             {"workspace_id": "w", "source_exe_id": "s", "dest_exe_id": "d", "ttl_seconds": "1"},
             SECRET,
             400,
-            b'{"error":"invalid JSON"}\n',
+            b'{"error":"invalid JSON: ttl_seconds must be a whole number of seconds,'
+            b' not a string"}\n',
         ),
         (b"x" * (64 * 1024 + 1), SECRET, 413, None),
     ],

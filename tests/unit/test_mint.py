@@ -61,6 +61,121 @@ def test_bad_requests(body: bytes, error: type[RelayError]) -> None:
 def test_error_bodies_are_go_encoder_output() -> None:
     assert InvalidJSON().body() == b'{"error":"invalid JSON"}\n'
     assert MissingIds().status == 400
+    err = InvalidJSON("ttl_seconds must be a whole number of seconds", "ttl_seconds")
+    assert (
+        err.body() == b'{"error":"invalid JSON: ttl_seconds must be a whole number of seconds"}\n'
+    )
+    assert (err.status, err.field, err.detail) == (
+        400,
+        "ttl_seconds",
+        "ttl_seconds must be a whole number of seconds",
+    )
+
+
+# --- every 400 says what is wrong, after Go's text ---------------------------------
+
+
+def detail_of(raw: bytes) -> tuple[str, str | None]:
+    """The message after "invalid JSON: ", and the field named."""
+    with pytest.raises(InvalidJSON) as info:
+        parse_mint_request(raw)
+    err = info.value
+    assert err.status == 400
+    body = err.body()
+    # Clients matching Go's text keep matching: the body starts with it.
+    assert body.startswith(b'{"error":"invalid JSON: ') and body.endswith(b'"}\n')
+    assert json.loads(body)["error"] == f"invalid JSON: {err.detail}"
+    assert err.detail is not None
+    return err.detail, err.field
+
+
+@pytest.mark.parametrize(
+    ("fields", "detail"),
+    [
+        ({"ttl_seconds": 1.5}, "ttl_seconds must be a whole number of seconds"),
+        ({"ttl_seconds": 1.0}, "ttl_seconds must be a whole number of seconds"),  # Go too
+        ({"ttl_seconds": "5"}, "ttl_seconds must be a whole number of seconds, not a string"),
+        ({"ttl_seconds": True}, "ttl_seconds must be a whole number of seconds, not a boolean"),
+        ({"ttl_seconds": [5]}, "ttl_seconds must be a whole number of seconds, not an array"),
+        ({"max_bytes": 1.5}, "max_bytes must be a whole number of bytes"),
+        ({"max_bytes": {"n": 1}}, "max_bytes must be a whole number of bytes, not an object"),
+        ({"max_bytes": 2**63}, "max_bytes must fit in a signed 64-bit integer"),
+        ({"max_bytes": -(2**63) - 1}, "max_bytes must fit in a signed 64-bit integer"),
+        ({"ttl_seconds": -(2**64)}, "ttl_seconds must fit in a signed 64-bit integer"),
+        ({"workspace_id": 1}, "workspace_id must be a string, not a number"),
+        ({"source_exe_id": ["s"]}, "source_exe_id must be a string, not an array"),
+        ({"dest_exe_id": False}, "dest_exe_id must be a string, not a boolean"),
+        ({"dest_exe_id": {}}, "dest_exe_id must be a string, not an object"),
+    ],
+)
+def test_wrong_types_name_the_field(fields: dict[str, Any], detail: str) -> None:
+    got, field = detail_of(json.dumps({**ID_DOC, **fields}).encode())
+    assert got == detail
+    assert field == next(iter(fields))
+
+
+@pytest.mark.parametrize(
+    ("raw", "detail"),
+    [
+        (b"", "empty body"),
+        (b" \r\n\t", "empty body"),
+        (b"[]", "body must be a JSON object, not an array"),
+        (b'"w"', "body must be a JSON object, not a string"),
+        (b"5", "body must be a JSON object, not a number"),
+        (b"true", "body must be a JSON object, not a boolean"),
+        (b"{", "Expecting property name enclosed in double quotes at line 1 column 2"),
+        (b"{nope", "Expecting property name enclosed in double quotes at line 1 column 2"),
+        (b'{"a":}', "Expecting value at line 1 column 6"),
+        (b'{"a":1,\n"b"}', "Expecting ':' delimiter at line 2 column 4"),
+        (b'{"a":"x', "Unterminated string starting at line 1 column 6"),
+        (b'{"a":"\x01"}', "Invalid control character at line 1 column 7"),
+        (b'{"a":"\\q"}', "Invalid \\escape at line 1 column 7"),
+        (b'{"a":1} {}', "Extra data at line 1 column 9"),
+        (b'{"a":NaN}', "NaN is not valid JSON"),
+        (b'{"a":-Infinity}', "-Infinity is not valid JSON"),
+        (b'{"a":' + b"1" * 5000 + b"}", "a number has too many digits"),
+        (b"\xff{}", "body is not UTF-8 (invalid start byte at byte 0)"),
+        (b'{"a":"\xc3"}', "body is not UTF-8 (invalid continuation byte at byte 6)"),
+        (b"\xef\xbb\xbf{}", "body starts with a byte order mark"),
+        (b"[" * 33 + b"]" * 33, "nested deeper than 32 levels"),
+    ],
+)
+def test_body_errors_say_what_and_where(raw: bytes, detail: str) -> None:
+    assert detail_of(raw) == (detail, None)
+
+
+def test_exponent_numbers_are_not_whole_numbers() -> None:
+    # 1e3 and 1e400 (inf to Python) are floats: Go's int64 decode refuses them too.
+    for number in (b"1e3", b"1e400"):
+        raw = b"{" + IDS.encode() + b',"ttl_seconds":' + number + b"}"
+        assert detail_of(raw) == ("ttl_seconds must be a whole number of seconds", "ttl_seconds")
+
+
+def test_syntax_details_never_echo_the_body() -> None:
+    # The detail is the json module's fixed text and a position: nothing the
+    # client sent, however it tries (quotes, newlines, a long string).
+    hostile = b'{"a":"' + b"\\u2028" + b"x" * 5000 + b'", "b":"\n\x1b[31m" ' + b"z" * 500
+    detail, _ = detail_of(hostile)
+    assert "x" * 10 not in detail and "z" not in detail and "\x1b" not in detail
+    assert len(detail) <= 100 and detail.isascii() and detail.isprintable()
+
+
+def test_existing_texts_are_unchanged() -> None:
+    # Fixed by the wire contract (README) and the e2e contract tests.
+    with pytest.raises(MissingIds) as missing:
+        parse_mint_request(b'{"workspace_id":"w","source_exe_id":"s"}')
+    assert missing.value.body() == (
+        b'{"error":"workspace_id, source_exe_id, dest_exe_id required"}\n'
+    )
+    with pytest.raises(InvalidField) as field:
+        parse_mint_request(body(ttl_seconds=86401))
+    assert field.value.body() == b'{"error":"ttl_seconds must be at most 86400"}\n'
+
+
+def test_int64_bounds_are_gos() -> None:
+    # Go decodes into int64: its whole range is accepted (negative: default/unlimited).
+    r = parse_mint_request(body(ttl_seconds=-(2**63), max_bytes=2**63 - 1))
+    assert (r.ttl_seconds, r.max_bytes) == (-(2**63), 2**63 - 1)
 
 
 def test_secret_check() -> None:
