@@ -360,7 +360,8 @@ def test_client_usage_errors_exit_2() -> None:
 def test_json_log_format() -> None:
     proc = serve("--port", "0", "--log-format", "json", env={"FASTRELAY_SHARED_SECRET": "s"})
     try:
-        url = ready_url(proc)
+        assert proc.stdout is not None
+        url = json.loads(proc.stdout.readline())["url"]  # the ready line is JSON too
         req = urllib.request.Request(
             url + "/api/exec-gateway/relay/create",
             data='{"workspace_id":"w\u00e9","source_exe_id":"s","dest_exe_id":"d"}'.encode(),

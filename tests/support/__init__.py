@@ -1,0 +1,1 @@
+"""Test helpers shared by the test directories (fault-injecting proxy, network namespaces)."""
