@@ -101,6 +101,7 @@ FLAGS = {
     "header_timeout_s": "--header-timeout",
     "max_connections": "--max-connections",
     "max_pending": "--max-pending",
+    "max_resumes": "--max-resumes",
     "read_buffer_bytes": "--buffer-size",
     "kernel_splice_min_bytes": "--kernel-splice-min-bytes",
     "ticket_key_file": "--ticket-key-file",
@@ -247,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="minted but unpaired tickets at most; more get 503 at mint (%(default)s)",
     )
     serve.add_argument(
+        "--max-resumes",
+        type=_whole,
+        default=d.max_resumes,
+        help="breaks a resumable relay survives; one more ends it (%(default)s)",
+    )
+    serve.add_argument(
         "--drain-timeout",
         type=_number,
         default=30.0,
@@ -381,6 +388,7 @@ def config_from_args(args: argparse.Namespace, secret: str) -> RelayConfig:
             header_timeout_s=args.header_timeout,
             max_connections=args.max_connections,
             max_pending=args.max_pending,
+            max_resumes=args.max_resumes,
             read_buffer_bytes=args.buffer_size,
             kernel_splice_min_bytes=args.kernel_splice_min_bytes,
             audit_digest=args.audit_digest,

@@ -17,6 +17,17 @@ where ``body`` is (all integers big-endian)::
     nonce       16 bytes   from the OS CSPRNG: two tickets never coincide
     3 x (length 2 bytes, UTF-8 bytes): workspace_id, source_exe_id, dest_exe_id
 
+Version 2 (a ticket minted with the v2 options) puts the mint options every
+node must know between the nonce and the ids::
+
+    flags        1 byte    bit 0: resumable
+    receivers    2 bytes   fan-out receivers (1: one)
+    max_rate     8 bytes   bytes/s, 0: unlimited
+    ttl_ms       4 bytes   the pairing window a break opens again (resumable)
+
+A ticket without those options is signed as version 1 (15 bytes shorter),
+so existing tickets and their lengths stay as they were.
+
 and ``tag`` is HMAC-SHA256(key, ``DOMAIN || body``), 32 bytes. The first key
 of a `TicketKeys` signs; every key verifies (so keys rotate without
 downtime: add the new key second, reload every node, move it first, reload,
@@ -49,6 +60,7 @@ from collections.abc import Sequence
 from ..core.tickets import TICKET_PREFIX
 
 VERSION = 1
+VERSION_OPTIONS = 2
 DOMAIN = b"fastrelay ticket v1\x00"
 TAG_BYTES = 32
 NONCE_BYTES = 16
@@ -61,9 +73,15 @@ MAX_ID_BYTES = 1024
 bound keeps a decoded ticket small whatever the minter embedding us does."""
 
 _FIXED = struct.Struct(">BQQ16s")
+_OPTIONS = struct.Struct(">BHQI")
 _LEN = struct.Struct(">H")
+_RESUMABLE = 0x01
 MIN_BODY_BYTES = _FIXED.size + 3 * _LEN.size
-MAX_TICKET_CHARS = len(TICKET_PREFIX) + (MIN_BODY_BYTES + 3 * MAX_ID_BYTES + TAG_BYTES) * 4 // 3 + 4
+MAX_TICKET_CHARS = (
+    len(TICKET_PREFIX)
+    + (MIN_BODY_BYTES + _OPTIONS.size + 3 * MAX_ID_BYTES + TAG_BYTES) * 4 // 3
+    + 4
+)
 
 
 class KeyFileError(ValueError):
@@ -81,6 +99,15 @@ class TicketClaims:
     expires_ms: int
     """The pairing deadline, Unix time in milliseconds."""
     nonce: bytes
+    resumable: bool = False
+    receivers: int = 1
+    max_rate: int = 0
+    ttl_ms: int = 0
+    """The ticket's pairing window, for a resumable ticket (0 otherwise)."""
+
+    @property
+    def has_options(self) -> bool:
+        return self.resumable or self.receivers != 1 or self.max_rate != 0
 
     @classmethod
     def new(
@@ -91,6 +118,10 @@ class TicketClaims:
         *,
         max_bytes: int,
         expires_ms: int,
+        resumable: bool = False,
+        receivers: int = 1,
+        max_rate: int = 0,
+        ttl_ms: int = 0,
     ) -> TicketClaims:
         return cls(
             workspace_id,
@@ -99,6 +130,10 @@ class TicketClaims:
             max(0, max_bytes),
             expires_ms,
             secrets.token_bytes(NONCE_BYTES),
+            resumable,
+            receivers,
+            max_rate,
+            ttl_ms if resumable else 0,
         )
 
     def expired(self, now_ms: int) -> bool:
@@ -170,7 +205,13 @@ def _tag(key: bytes, body: bytes) -> bytes:
 
 
 def _encode_body(claims: TicketClaims) -> bytes:
-    parts = [_FIXED.pack(VERSION, claims.expires_ms, claims.max_bytes, claims.nonce)]
+    options = claims.has_options
+    version = VERSION_OPTIONS if options else VERSION
+    parts = [_FIXED.pack(version, claims.expires_ms, claims.max_bytes, claims.nonce)]
+    if options:
+        flags = _RESUMABLE if claims.resumable else 0
+        ttl_ms = min(claims.ttl_ms, 0xFFFFFFFF)
+        parts.append(_OPTIONS.pack(flags, claims.receivers, claims.max_rate, ttl_ms))
     for text in (claims.workspace_id, claims.source_exe_id, claims.dest_exe_id):
         data = text.encode("utf-8")
         if len(data) > MAX_ID_BYTES:
@@ -201,9 +242,15 @@ def _decode_body(body: bytes) -> TicketClaims | None:
     have written (a future version, bad lengths or UTF-8)."""
     try:
         version, expires_ms, max_bytes, nonce = _FIXED.unpack_from(body)
-        if version != VERSION:
-            return None
         at = _FIXED.size
+        flags, receivers, max_rate, ttl_ms = 0, 1, 0, 0
+        if version == VERSION_OPTIONS:
+            flags, receivers, max_rate, ttl_ms = _OPTIONS.unpack_from(body, at)
+            at += _OPTIONS.size
+            if flags & ~_RESUMABLE or receivers < 1:
+                return None
+        elif version != VERSION:
+            return None
         ids: list[str] = []
         for _ in range(3):
             (length,) = _LEN.unpack_from(body, at)
@@ -216,4 +263,18 @@ def _decode_body(body: bytes) -> TicketClaims | None:
         return None
     if at != len(body):
         return None
-    return TicketClaims(ids[0], ids[1], ids[2], max_bytes, expires_ms, nonce)
+    claims = TicketClaims(
+        ids[0],
+        ids[1],
+        ids[2],
+        max_bytes,
+        expires_ms,
+        nonce,
+        bool(flags & _RESUMABLE),
+        receivers,
+        max_rate,
+        ttl_ms,
+    )
+    if version == VERSION_OPTIONS and not claims.has_options:
+        return None  # canonical: a ticket without options is version 1
+    return claims

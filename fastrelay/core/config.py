@@ -139,6 +139,9 @@ class RelayConfig:
     """Minted-but-unpaired tickets at most, all workspaces together; beyond it
     the mint endpoint answers 503."""
 
+    max_resumes: int = 16
+    """Breaks a resumable relay survives; one more ends it as a failure."""
+
     tcp_keepalive_s: int = 15
     """TCP keepalive idle time and probe interval on accepted sockets (the Go
     gateway's listener uses 15 s)."""
@@ -227,6 +230,7 @@ class RelayConfig:
             )
         for name in ("max_per_workspace", "max_connections", "max_pending"):
             _check_int(self, name, 1, None, "must be a whole number >= 1")
+        _check_int(self, "max_resumes", 0, 1_000_000, "must be a whole number 0-1000000")
         # Linux refuses TCP_KEEPIDLE/TCP_KEEPINTVL above 32767 s at accept time.
         _check_int(self, "tcp_keepalive_s", 1, 32767, "must be a whole number of seconds 1-32767")
         _check_int(self, "max_head_bytes", 1024, MAX_BUFFER_BYTES, _bytes_range(1024))

@@ -58,6 +58,8 @@ DEFAULT_MAX_TTL_S = 86400.0
 """Largest ``ttl_seconds`` accepted unless the server says otherwise (1 day)."""
 
 ID_FIELDS = ("workspace_id", "source_exe_id", "dest_exe_id")
+V2_FIELDS = ("resumable",)
+"""The v2 mint options this server knows (the wire contract's v2 section)."""
 
 # A JSON string (with its escapes) or one bracket. Strings are matched whole
 # so brackets inside them are skipped; the unrolled form is linear time. An
@@ -79,6 +81,14 @@ class MintRequest:
     dest_exe_id: str
     ttl_seconds: int
     max_bytes: int
+    resumable: bool = False
+    v2_fields: frozenset[str] = frozenset()
+    """The v2 options the request named: the answer echoes their values."""
+
+    def echoed(self) -> dict[str, object]:
+        """The effective v2 options, for the answer (only those asked for,
+        so a v1 request's answer stays byte-for-byte the seed's)."""
+        return {"resumable": self.resumable} if "resumable" in self.v2_fields else {}
 
 
 def check_secret(authorization: str | None, secret: str) -> None:
@@ -222,15 +232,23 @@ def parse_mint_request(body: bytes, max_ttl_s: float = DEFAULT_MAX_TTL_S) -> Min
     # of a huge int, so no OverflowError and no rounding at the boundary.
     if ttl_seconds > max_ttl_s:
         raise InvalidField("ttl_seconds", f"ttl_seconds must be at most {_seconds(max_ttl_s)}")
-    return MintRequest(ids[0], ids[1], ids[2], ttl_seconds, max_bytes)
+    named = frozenset(key for key in V2_FIELDS if key in doc)
+    resumable = doc.get("resumable", False)
+    if not isinstance(resumable, bool):
+        raise InvalidField("resumable", "resumable must be true or false")
+    return MintRequest(ids[0], ids[1], ids[2], ttl_seconds, max_bytes, resumable, named)
 
 
-def mint_response_body(ticket: str, base_url: str, expires_at_rfc3339: str) -> bytes:
+def mint_response_body(
+    ticket: str, base_url: str, expires_at_rfc3339: str, options: dict[str, object] | None = None
+) -> bytes:
     url = f"{base_url}/relay/{ticket}"
-    doc = {
+    doc: dict[str, object] = {
         "ticket": ticket,
         "upload_url": url,
         "download_url": url,
         "expires_at": expires_at_rfc3339,
     }
+    if options:
+        doc.update(options)
     return COMPACT_JSON.encode(doc).encode() + b"\n"

@@ -170,9 +170,22 @@ class Metrics:
     """Counters derived from outcomes and refusals; `metrics.RelayCollector`
     exposes them. Plain ints, no locks: everything runs on the loop thread."""
 
-    __slots__ = ("bytes_total", "mints", "outcomes", "pairing", "relay_refusals", "transfer")
+    __slots__ = (
+        "bytes_total",
+        "mints",
+        "outcomes",
+        "pairing",
+        "relay_refusals",
+        "resumes",
+        "superseded",
+        "transfer",
+    )
 
     def __init__(self) -> None:
+        self.resumes = {"PUT": 0, "GET": 0}
+        """Requests that continued a resumable relay after a break, by side."""
+        self.superseded = 0
+        """Connections of resumable relays taken over by a newer request."""
         self.outcomes: dict[Outcome, int] = dict.fromkeys(Outcome, 0)
         self.bytes_total = 0
         self.pairing = Histogram(PAIRING_BUCKETS_S)
@@ -291,4 +304,33 @@ def log_finished(relay: Finished) -> None:
             f" sha256={relay.digest}" if relay.digest is not None else "",
             f" error={safe(err, _LOG_LIMIT)}" if err is not None else "",
             extra={"event": "relay_ended", "fields": fields},
+        )
+
+
+def log_break(relay: TicketIds, side: str, offset: int, why: str) -> None:
+    """One line per break of a resumable relay: which side, where it was."""
+    if log.isEnabledFor(logging.INFO):
+        fields = _id_fields(relay)
+        fields.update(side=side, offset=offset, why=_cut(why))
+        log.info(
+            "relay break id=%s side=%s offset=%d why=%s",
+            fields["id"],
+            side,
+            offset,
+            safe(why, _LOG_LIMIT),
+            extra={"event": "relay_break", "fields": fields},
+        )
+
+
+def log_resume(relay: TicketIds, side: str, offset: int) -> None:
+    """One line per request that continues a resumable relay after a break."""
+    if log.isEnabledFor(logging.INFO):
+        fields = _id_fields(relay)
+        fields.update(side=side, offset=offset)
+        log.info(
+            "relay resume id=%s side=%s offset=%d",
+            fields["id"],
+            side,
+            offset,
+            extra={"event": "relay_resume", "fields": fields},
         )

@@ -64,6 +64,8 @@ class Event(enum.Enum):
     SHUTDOWN = "shutdown"  # the server is closing
     CONSULTED = "consulted"  # the shared ledger answered (or failed)
     DRAIN = "drain"  # the server stopped accepting: idle connections go
+    SUSPENDED = "suspended"  # resumable relay: the other end broke; wait for a new one
+    SUPERSEDED = "superseded"  # resumable relay: a newer request took our waiting side
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -115,6 +117,9 @@ for _phase in P:
     LIFECYCLE[(_phase, Event.CONSULTED)] = _same(_phase)  # only CONSULTING consults
     # Drain leaves every request under way alone; only an idle connection closes.
     LIFECYCLE[(_phase, Event.DRAIN)] = _same(_phase)
+    # Only a transfer's end is suspended, only a waiting side superseded.
+    LIFECYCLE[(_phase, Event.SUSPENDED)] = _same(_phase)
+    LIFECYCLE[(_phase, Event.SUPERSEDED)] = _same(_phase)
 
 LIFECYCLE.update(
     {
@@ -152,6 +157,7 @@ LIFECYCLE.update(
         (P.WAITING, Event.TIMER): _same(P.WAITING),  # the pairing TTL is the relay's
         (P.WAITING, Event.PAIRED): _step("join_transfer", P.UPLOADING, P.DOWNLOADING),
         (P.WAITING, Event.PARTNER_GONE): _step("answer_relay_ended", P.READING_HEAD, _ENDED),
+        (P.WAITING, Event.SUPERSEDED): _step("leave_superseded", P.CLOSED),
         # registry.shutdown_waiting ends every waiting relay: PARTNER_GONE follows.
         (P.WAITING, Event.SHUTDOWN): _same(P.WAITING),
         # --- the two ends of a transfer ------------------------------------------
@@ -161,9 +167,11 @@ LIFECYCLE.update(
         (P.UPLOADING, Event.TIMER): _same(P.UPLOADING),  # the idle timer is the transfer's
         (P.UPLOADING, Event.PARTNER_GONE): _step("answer_upload", _ENDED),
         (P.UPLOADING, Event.SHUTDOWN): _step("cut_transfer", _ENDED),
+        (P.UPLOADING, Event.SUSPENDED): _step("wait_again", P.WAITING),
         (P.DOWNLOADING, Event.DATA): _same(P.DOWNLOADING, "hold_input"),
-        # A half-closed receiver can still read the body.
-        (P.DOWNLOADING, Event.EOF): _same(P.DOWNLOADING, "note_eof"),
+        # A half-closed receiver can still read the body (and, after the
+        # last byte, it may be how a resumable relay learns it has all).
+        (P.DOWNLOADING, Event.EOF): _step("download_eof", P.DOWNLOADING, _ENDED),
         (P.DOWNLOADING, Event.LOST): _step("download_lost", P.CLOSED),
         (P.DOWNLOADING, Event.WRITE_PAUSED): _same(P.DOWNLOADING, "download_paused"),
         (P.DOWNLOADING, Event.WRITE_RESUMED): _same(P.DOWNLOADING, "download_resumed"),
@@ -172,6 +180,7 @@ LIFECYCLE.update(
             "end_download", P.READING_HEAD, P.ANSWERING, P.CLOSED, _ANY_REQUEST
         ),
         (P.DOWNLOADING, Event.SHUTDOWN): _step("cut_transfer", P.CLOSED),
+        (P.DOWNLOADING, Event.SUSPENDED): _step("wait_again", P.WAITING),
         # --- endings -------------------------------------------------------------
         (P.LINGERING, Event.DATA): _same(P.LINGERING, "discard_input"),
         (P.LINGERING, Event.EOF): _step("close", P.CLOSED),

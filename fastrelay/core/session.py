@@ -6,7 +6,14 @@ A ticket is minted unpaired (``IDLE``). Each side (PUT = source, GET =
 destination) may arrive in any order and wait for the other; a waiting side
 whose client disconnects leaves again, so a retry with the same ticket can
 still pair. When both are present the session is ``STREAMING`` and the
-pairing deadline no longer applies. Every session ends in ``DONE`` with
+pairing deadline no longer applies.
+
+A resumable relay (`resume.py`) survives a break: the source breaking takes
+it from ``STREAMING`` back to ``GET_WAITING`` (the destination is still
+attached, its answer paused), the destination breaking back to
+``PUT_WAITING`` (the source attached, paused); the next arrival pairs again.
+The registry counts the breaks and bounds them; v1 relays never see these
+inputs. Every session ends in ``DONE`` with
 exactly one `Outcome`, recorded by the transition that got it there; logs,
 metrics and ``Relay.outcome`` all derive from that one value.
 
@@ -43,6 +50,8 @@ class Input(enum.Enum):
     CUT_TOO_LARGE = "cut_too_large"  # chunked upload crossed max_bytes mid-stream
     IDLE_TIMEOUT = "idle_timeout"
     SHUTDOWN = "shutdown"
+    UPLOAD_BROKE = "upload_broke"  # resumable: the source broke, the destination waits
+    DOWNLOAD_BROKE = "download_broke"  # resumable: the destination broke, the source waits
 
 
 class Outcome(enum.Enum):
@@ -85,6 +94,12 @@ TRANSITIONS: dict[tuple[State, Input], tuple[State, Outcome | None]] = {
     (State.STREAMING, Input.DOWNLOAD_ABORTED): (State.DONE, Outcome.DOWNLOAD_ABORTED),
     (State.STREAMING, Input.CUT_TOO_LARGE): (State.DONE, Outcome.TOO_LARGE),
     (State.STREAMING, Input.IDLE_TIMEOUT): (State.DONE, Outcome.IDLE_TIMEOUT),
+    # A resumable relay whose carried-over end left while it waited, one
+    # break past its budget: the transfer failed after all.
+    **{(s, Input.UPLOAD_ABORTED): (State.DONE, Outcome.UPLOAD_ABORTED) for s in _WAITING},
+    **{(s, Input.DOWNLOAD_ABORTED): (State.DONE, Outcome.DOWNLOAD_ABORTED) for s in _WAITING},
+    (State.STREAMING, Input.UPLOAD_BROKE): (State.GET_WAITING, None),
+    (State.STREAMING, Input.DOWNLOAD_BROKE): (State.PUT_WAITING, None),
 }
 
 
@@ -107,7 +122,7 @@ class RelaySession:
         except KeyError:
             raise InvalidTransition(self.state, event) from None
         self.state = new_state
-        if new_state is State.STREAMING:
+        if new_state is State.STREAMING and self.paired_at is None:
             self.paired_at = now
         if outcome is not None:
             self.outcome = outcome

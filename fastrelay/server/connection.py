@@ -52,7 +52,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
-from ..core import logsafe
+from ..core import logsafe, observe, resume
 from ..core.chunked import ChunkError
 from ..core.config import RelayConfig
 from ..core.deadlines import Deadline
@@ -76,10 +76,11 @@ from ..core.heads import (
     simple_response,
 )
 from ..core.phases import LIFECYCLE, Event, Phase
+from ..core.resume import ResumeRecord
 from ..core.tickets import extract_bearer_ticket
 from .flow import BufferPool, ReadGate
 from .timer import LoopTimer
-from .transfer import Transfer
+from .transfer import Resumed, Transfer
 
 if TYPE_CHECKING:
     from .registry import Registry, Relay
@@ -152,6 +153,7 @@ class HttpConnection(asyncio.BufferedProtocol):
         "_body_framer",
         "_body_then",
         "_body_wanted",
+        "_carried_framer",
         "_consultation",
         "_deadline",
         "_ended",
@@ -166,6 +168,7 @@ class HttpConnection(asyncio.BufferedProtocol):
         "lost_exc",
         "phase",
         "relay",
+        "resume_at",
         "server",
         "transfer",
         "transport",
@@ -192,6 +195,10 @@ class HttpConnection(asyncio.BufferedProtocol):
         self._held = 0  # bytes of a waiting upload counted by the server
         self._eof_seen = False
         self._unread_body = False  # the current request has body bytes we did not read
+        # A resumable relay's end carried over from a broken transfer: the
+        # offset it is at, and (an upload) its body framer; None otherwise.
+        self.resume_at: int | None = None
+        self._carried_framer: BodyFramer | None = None
         # What we await from the shared ledger, and what to do with its answer.
         self._consultation: tuple[asyncio.Future[Any], Callable[[Any], None]] | None = None
 
@@ -273,6 +280,22 @@ class HttpConnection(asyncio.BufferedProtocol):
         """`transfer.TransferEnd`: the transfer is over."""
         self._ended = (answer, ok)
         self._dispatch(Event.PARTNER_GONE)
+
+    def transfer_suspended(self, at: int, framer: BodyFramer | None) -> None:
+        """`transfer.TransferEnd`: our resumable relay lost the other side;
+        we wait for a new partner at offset ``at``."""
+        self.resume_at = at
+        self._carried_framer = framer
+        self._dispatch(Event.SUSPENDED)
+
+    def superseded(self) -> None:
+        """`registry.WaitingEnd`: a newer request took our side over."""
+        self._dispatch(Event.SUPERSEDED)
+
+    def resume_refused(self, err: RelayError) -> None:
+        """`registry.WaitingEnd`: we cannot serve the relay's new partner;
+        answer ``err`` (409 + Upload-Offset, or 416) and go."""
+        self.relay_ended(err)
 
     # --- the dispatcher ------------------------------------------------------------
 
@@ -467,11 +490,36 @@ class HttpConnection(asyncio.BufferedProtocol):
         err = self._pending_error
         self._pending_error = None
         assert err is not None
+        if self._side == "GET" and self.resume_at is not None:
+            # Our answer's head went out in an earlier pairing: the body can
+            # only end visibly short.
+            self._reset()
+            return
         self._refuse(err)
+
+    def wait_again(self) -> None:
+        """A resumable relay broke on the other side: we hold our side and
+        wait, as a request that just claimed it would (`transfer_suspended`)."""
+        transfer, self.transfer = self.transfer, None
+        assert transfer is not None
+        self.relay = transfer.relay
+        self.phase = Phase.WAITING
+        if self._side == "PUT":
+            self.gate.pause()  # not one body byte more until a destination is back
+
+    def leave_superseded(self) -> None:
+        """A newer request took our side of a resumable relay over."""
+        self.relay = None
+        if self._side == "GET" and self.resume_at is not None:
+            self._reset()  # mid-body: visibly short
+        else:
+            self._reset() if self._unread_body else self.close()
 
     def join_transfer(self) -> None:
         assert self.transfer is not None
         self.relay = None
+        self.resume_at = None
+        self._carried_framer = None
         if self._side == "PUT":
             self._release_held()
             self.phase = Phase.UPLOADING
@@ -487,6 +535,10 @@ class HttpConnection(asyncio.BufferedProtocol):
     def upload_eof(self) -> None:
         assert self.transfer is not None
         self.transfer.upload_eof()
+
+    def download_eof(self) -> None:
+        assert self.transfer is not None
+        self.transfer.download_eof()
 
     def upload_lost(self) -> None:
         transfer, self.transfer = self.transfer, None
@@ -626,6 +678,7 @@ class HttpConnection(asyncio.BufferedProtocol):
         assert isinstance(up, HttpConnection) and isinstance(down, HttpConnection)
         assert up.head is not None and down.head is not None
         server = self.server
+        resumed = _resumed(relay, up, down) if relay.resumable else None
         transfer = Transfer(
             relay,
             up,
@@ -638,7 +691,9 @@ class HttpConnection(asyncio.BufferedProtocol):
             pool=server.pool,
             timer=server.timer,
             config=server.config,
+            resumed=resumed,
         )
+        relay.stream = transfer
         prefix = bytes(up.inbuf)
         up.inbuf.clear()
         up.paired(transfer)
@@ -869,3 +924,38 @@ class HttpConnection(asyncio.BufferedProtocol):
 
     def __repr__(self) -> str:
         return f"<HttpConnection {self.phase.value}>"
+
+
+def _resumed(relay: Relay, up: HttpConnection, down: HttpConnection) -> Resumed:
+    """How a resumable relay's transfer starts (re)paired: where each end is.
+    `Relay.claim` has checked that the upload can serve the destination."""
+    assert up.head is not None and down.head is not None
+    record = relay.record
+    if up.resume_at is not None:
+        assert record is not None
+        upload_at = up.resume_at
+    else:
+        upload_at, length = resume.put_offset(up.head)
+        if record is None:
+            record = relay.record = ResumeRecord(length, resume.copied_headers(up.head))
+        else:
+            observe.log_resume(relay, "PUT", upload_at)
+    if down.resume_at is not None:
+        start, send_head, partial = down.resume_at, False, False
+    else:
+        offset = resume.get_offset(down.head)
+        start, send_head, partial = offset or 0, True, offset is not None
+        if relay.breaks:
+            observe.log_resume(relay, "GET", start)
+    plan = resume.pairing(upload_at, start)
+    record.point = start
+    return Resumed(
+        start=start,
+        skip=plan.skip,
+        length=record.length,
+        copied=record.copied,
+        send_head=send_head,
+        partial=partial,
+        framer=up._carried_framer,
+        resumes=relay.breaks,
+    )

@@ -112,6 +112,12 @@ class KernelPipe:
     def start(self) -> None:
         self._want_read()
 
+    @property
+    def in_pipe(self) -> int:
+        """Bytes read from ``src`` that have not reached ``dst`` (lost if we
+        close now): a resumable relay counts them as taken from the source."""
+        return self._in_pipe
+
     def close(self) -> None:
         """Stop polling, close the pipe and both dup'd sockets. Idempotent."""
         if self._closed:

@@ -138,6 +138,7 @@ class RelayServer:
                 config.max_per_workspace,
                 config.ticket_ttl_s,
                 max_pending=config.max_pending,
+                max_resumes=config.max_resumes,
                 keys=read_ticket_keys(config.ticket_key_file) if config.ticket_key_file else None,
             )
         elif config.ticket_key_file:
@@ -595,19 +596,24 @@ class RelayServer:
         args = (request.workspace_id, request.source_exe_id, request.dest_exe_id, ttl)
         host = head.header("host") if head else None
         if self.registry.shared is None:
-            return self._mint_answer(self.registry.mint_now(*args, request.max_bytes), host)
-        return self._mint_later(args, request.max_bytes, host)
+            minted = self.registry.mint_now(*args, request.max_bytes, resumable=request.resumable)
+            return self._mint_answer(minted, request, host)
+        return self._mint_later(args, request, host)
 
     async def _mint_later(
-        self, args: tuple[str, str, str, float | None], max_bytes: int, host: str | None
+        self, args: tuple[str, str, str, float | None], request: mint.MintRequest, host: str | None
     ) -> Answer:
-        return self._mint_answer(await self.registry.mint(*args, max_bytes), host)
+        minted = await self.registry.mint(*args, request.max_bytes, resumable=request.resumable)
+        return self._mint_answer(minted, request, host)
 
-    def _mint_answer(self, minted: Minted, request_host: str | None) -> Answer:
+    def _mint_answer(
+        self, minted: Minted, request: mint.MintRequest, request_host: str | None
+    ) -> Answer:
         self.metrics.minted()  # fastrelay_mints_total{outcome="created"}
         expires = minted.expires_at.isoformat(timespec="microseconds").replace("+00:00", "Z")
         base = self.config.base_url(self.port, tls=self.ssl is not None, request_host=request_host)
-        return 201, "application/json", mint.mint_response_body(minted.ticket, base, expires)
+        body = mint.mint_response_body(minted.ticket, base, expires, request.echoed())
+        return 201, "application/json", body
 
 
 def _keep_alive(listener: Any, idle_s: int) -> None:

@@ -48,21 +48,25 @@ from typing import Literal, NamedTuple, Protocol
 
 from ..cluster.ledger import Admission, Holding, LocalLedger, SharedLedger
 from ..cluster.signed_tickets import TicketClaims, TicketKeys, looks_signed
-from ..core import observe
+from ..core import observe, resume
 from ..core.config import MAX_DURATION_S
 from ..core.deadlines import Deadline
 from ..core.errors import (
+    DownloadAborted,
     Expired,
     PairingTimeout,
     PayloadTooLarge,
     RelayError,
+    ResumeFrom,
     ServedElsewhere,
     ShuttingDown,
     SideAlreadyClaimed,
     TicketNotFound,
+    UploadAborted,
     UpstreamFailed,
 )
 from ..core.heads import RequestHead
+from ..core.resume import DEFAULT_MAX_RESUMES, ResumeRecord
 from ..core.session import Input, Outcome, RelaySession, State
 from ..core.tickets import new_ticket, ticket_key
 from .timer import LoopTimer
@@ -84,6 +88,26 @@ class WaitingEnd(Protocol):
     def relay_ended(self, err: RelayError) -> None:
         """The relay ended while we waited: answer ``err``; the side is gone."""
 
+    @property
+    def resume_at(self) -> int | None:
+        """A resumable relay's end that is carried over from a broken
+        transfer: the offset it is at (the destination's next byte, the
+        source's next byte). None for a fresh request."""
+
+    def superseded(self) -> None:
+        """A newer request took this side over: close; the side is gone."""
+
+    def resume_refused(self, err: ResumeFrom) -> None:
+        """A carried-over source cannot serve the new destination: answer
+        ``err`` (409 + Upload-Offset) and close; the side is gone."""
+
+
+class Stream(Protocol):
+    """The transfer of a paired relay, as the relay sees it."""
+
+    def supersede(self, side: Side) -> None:
+        """A newer request takes ``side`` over: that end breaks now."""
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Minted:
@@ -103,6 +127,7 @@ class Relay:
         "_expiry",
         "_future",
         "_registry",
+        "breaks",
         "bytes",
         "deadline",
         "dest_exe_id",
@@ -112,11 +137,16 @@ class Relay:
         "get_party",
         "key",
         "max_bytes",
+        "max_resumes",
         "put_party",
+        "record",
+        "resumable",
         "session",
         "signed",
         "source_exe_id",
+        "stream",
         "ticket",
+        "ttl_s",
         "workspace_id",
     )
 
@@ -133,6 +163,8 @@ class Relay:
         expires_at: datetime.datetime,
         *,
         signed: bool = False,
+        resumable: bool = False,
+        max_resumes: int = DEFAULT_MAX_RESUMES,
     ) -> None:
         self._registry = registry
         self.ticket = ticket
@@ -155,6 +187,17 @@ class Relay:
         self.get_party: WaitingEnd | None = None
         self._future: asyncio.Future[None] | None = None
         self._expiry: Deadline | None = None
+        self.resumable = resumable
+        self.max_resumes = max_resumes
+        self.ttl_s = deadline - now
+        """The pairing window, opened again after each break (resumable)."""
+        self.record: ResumeRecord | None = None
+        """A resumable relay's length, headers and resume point, from its
+        first pairing on."""
+        self.breaks = 0
+        """Breaks survived so far (resumable)."""
+        self.stream: Stream | None = None
+        """The transfer while paired and streaming."""
 
     # --- queries -------------------------------------------------------------------
 
@@ -187,30 +230,50 @@ class Relay:
         pair (the session is then STREAMING), else None (``end`` waits).
 
         Raises the error ``end`` must be answered with: 423 (side taken),
-        503 (draining), 413 (a Content-Length over ``max_bytes``).
+        503 (draining), 413 (a Content-Length over ``max_bytes``); on a
+        resumable relay also 411, 416 and 409 (`resume.py`).
         """
         session = self.session
         if session.put_claimed if side == "PUT" else session.get_claimed:
-            raise SideAlreadyClaimed(side)
+            if not self.resumable:
+                raise SideAlreadyClaimed(side)
+            self._supersede(side)
+            if session.done:
+                raise TicketNotFound()  # that break was one too many
         self._registry.check_open()
         if side == "PUT":
             assert end.head is not None
+            if self.resumable:
+                self._check_resumed_upload(end.head)
             length = end.head.content_length
+            if self.record is None and self.resumable:
+                length = resume.put_offset(end.head)[1]
             if self.max_bytes > 0 and length is not None and length > self.max_bytes:
                 # Refused before a single byte is read: the ticket is spent,
                 # and a GET that is already waiting learns why at once.
                 err = PayloadTooLarge(length, self.max_bytes)
                 self.finish(Input.REFUSED_TOO_LARGE, err)
                 raise err
+            if self.resumable and self.get_party is not None:
+                self._check_pairing(end, self.get_party)
             self.put_party = end
             event = Input.PUT_ARRIVES
         else:
+            if self.resumable:
+                assert end.head is not None
+                resume.check_get(self.record, resume.get_offset(end.head))
+                if self.put_party is not None:
+                    self._check_pairing(self.put_party, end)
             self.get_party = end
             event = Input.GET_ARRIVES
         registry = self._registry
+        first = not session.paired
+        if self.record is not None:
+            registry.metrics.resumes[side] += 1  # a new request continues the relay
         if session.handle(event, registry.clock()) is not State.STREAMING:
             return None
-        registry._paired_relay(self)
+        if first:
+            registry._paired_relay(self)
         if self._expiry is not None:  # the TTL bounds pairing only
             self._expiry.cancel()
             self._expiry = None
@@ -219,19 +282,131 @@ class Relay:
         assert partner is not None
         return partner
 
-    def leave(self, end: WaitingEnd) -> None:
-        """A waiting side's client went away: free the side for a retry."""
-        if self.put_party is end:
+    # --- resumable relays: superseding, pairing again, breaks -----------------------
+
+    def _supersede(self, side: Side) -> None:
+        """A new request for a claimed side of a resumable relay: the old
+        connection goes (a dead network often leaves it open on our side)."""
+        self._registry.metrics.superseded += 1
+        if self.session.state is State.STREAMING:
+            assert self.stream is not None
+            self.stream.supersede(side)  # a break: `broke` runs, the side is free
+            return
+        old = self.put_party if side == "PUT" else self.get_party
+        if old is None:
+            return
+        if side == "PUT":
             self.put_party = None
             self.session.handle(Input.PUT_LEAVES, self._registry.clock())
-        elif self.get_party is end:
+        else:
             self.get_party = None
             self.session.handle(Input.GET_LEAVES, self._registry.clock())
+        carried = old.resume_at is not None
+        old.superseded()
+        if carried:
+            self._lost_carried_end(side)
+
+    def _check_resumed_upload(self, head: RequestHead) -> None:
+        offset, length = resume.put_offset(head)  # 411 for chunked, 400 for a bad range
+        resume.check_upload(self.record, head, length)
+        if self.record is not None and offset > self.record.length:
+            raise ResumeFrom(self.record.point)
+
+    def _check_pairing(self, up: WaitingEnd, down: WaitingEnd) -> None:
+        """Can ``up`` serve what ``down`` needs next? 409 to whichever side
+        cannot stay: a new PUT is refused (before its ``100 Continue``); a
+        carried-over PUT is answered 409 and leaves, the GET then waits."""
+        record = self.record
+        if record is None:
+            return  # the first pairing: both start at 0, or the GET's Range
+        down_at = down.resume_at
+        if down_at is None:
+            assert down.head is not None
+            down_at = resume.get_offset(down.head) or 0
+        up_at = up.resume_at
+        if up_at is None:
+            assert up.head is not None
+            up_at = resume.put_offset(up.head)[0]
+            if up_at > down_at:
+                raise ResumeFrom(down_at)
+            return
+        if up_at > down_at:
+            # The open PUT is past the byte the new destination needs, and we
+            # keep no byte: it must send again from there.
+            self.put_party = None
+            self.session.handle(Input.PUT_LEAVES, self._registry.clock())
+            record.point = down_at
+            up.resume_refused(ResumeFrom(down_at))
+
+    def can_resume(self) -> bool:
+        """Whether one more break leaves this relay alive (resumable, within
+        ``max_resumes``); if not, a break ends it as a failure, as in v1."""
+        return self.resumable and self.breaks < self.max_resumes and not self.session.done
+
+    def broke(self, side: Side, survivor: WaitingEnd | None) -> None:
+        """The transfer lost ``side`` (a break; `can_resume` said it may):
+        ``survivor`` (the other end, if still there) waits for a new
+        ``side``, within a fresh pairing window."""
+        assert self.can_resume()
+        registry = self._registry
+        self.stream = None
+        self.session.handle(
+            Input.UPLOAD_BROKE if side == "PUT" else Input.DOWNLOAD_BROKE, registry.clock()
+        )
+        self._count_break()
+        if side == "PUT":
+            self.get_party = survivor
+        else:
+            self.put_party = survivor
+        if survivor is None:
+            # Both gone at once (the superseded side's partner was gone too).
+            if side == "PUT":
+                self.session.handle(Input.GET_LEAVES, registry.clock())
+            else:
+                self.session.handle(Input.PUT_LEAVES, registry.clock())
+        self._open_window()
+
+    def _count_break(self) -> None:
+        self.breaks += 1
+
+    def _lost_carried_end(self, side: Side) -> None:
+        """An end carried over from a broken transfer went while it waited:
+        a break of its own; past ``max_resumes`` the relay fails."""
+        if self.breaks >= self.max_resumes:
+            why = f"relay: {'upload' if side == 'PUT' else 'download'} broke too often"
+            if side == "PUT":
+                self.finish(Input.UPLOAD_ABORTED, UploadAborted(why, self.bytes))
+            else:
+                self.finish(Input.DOWNLOAD_ABORTED, DownloadAborted(why, self.bytes))
+            return
+        self._count_break()
+
+    def _open_window(self) -> None:
+        """After a break, the pairing deadline is the break time plus the TTL."""
+        registry = self._registry
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self.deadline = registry.clock() + self.ttl_s
+        self._expiry = registry.timer.at(self.deadline, self._expire)
+
+    def leave(self, end: WaitingEnd) -> None:
+        """A waiting side's client went away: free the side for a retry."""
+        side: Side
+        if self.put_party is end:
+            self.put_party, side = None, "PUT"
+            self.session.handle(Input.PUT_LEAVES, self._registry.clock())
+        elif self.get_party is end:
+            self.get_party, side = None, "GET"
+            self.session.handle(Input.GET_LEAVES, self._registry.clock())
+        else:
+            return
+        if end.resume_at is not None:
+            self._lost_carried_end(side)
 
     def _expire(self) -> None:
         """The pairing deadline passed (called by the server's timer)."""
         self._expiry = None
-        if not self.session.done and not self.session.paired:
+        if not self.session.done and self.session.state is not State.STREAMING:
             self.finish(Input.DEADLINE, Expired())
 
     # --- the end -------------------------------------------------------------------
@@ -280,6 +455,7 @@ class Registry:
         keys: TicketKeys | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime.datetime] | None = None,
+        max_resumes: int = DEFAULT_MAX_RESUMES,
     ) -> None:
         if max_per_workspace <= 0:
             max_per_workspace = DEFAULT_MAX_PER_WORKSPACE
@@ -288,6 +464,8 @@ class Registry:
         if max_pending <= 0:
             max_pending = DEFAULT_MAX_PENDING
         self.default_ttl = default_ttl
+        self.max_resumes = max_resumes
+        """Breaks a resumable relay survives; one more ends it."""
         self.clock = clock
         self.wall_clock = wall_clock or (lambda: datetime.datetime.now(datetime.UTC))
         self.metrics = observe.Metrics()
@@ -317,6 +495,8 @@ class Registry:
         dest_exe_id: str,
         ttl: float | None = None,
         max_bytes: int = 0,
+        *,
+        resumable: bool = False,
     ) -> Relay:
         """Mint a random ticket that this process serves. Call on the event
         loop that serves it.
@@ -329,7 +509,7 @@ class Registry:
             raise RuntimeError("this registry counts slots in a shared ledger: await mint()")
         ttl_s = self._check_mint(workspace_id, source_exe_id, dest_exe_id, ttl)
         relay = self._new_relay(
-            new_ticket(), workspace_id, source_exe_id, dest_exe_id, max_bytes, ttl_s
+            new_ticket(), workspace_id, source_exe_id, dest_exe_id, max_bytes, ttl_s, resumable
         )
         self.ledger.reserve(relay.key, workspace_id, relay.deadline, self.clock())
         self._add(relay)
@@ -345,17 +525,21 @@ class Registry:
         dest_exe_id: str,
         ttl: float | None = None,
         max_bytes: int = 0,
+        *,
+        resumable: bool = False,
     ) -> Minted:
         """What the mint endpoint does, when no shared ledger is attached:
         a signed ticket with ``keys``, else a random one with its relay."""
         if self.keys is None:
-            relay = self.create(workspace_id, source_exe_id, dest_exe_id, ttl, max_bytes)
+            relay = self.create(
+                workspace_id, source_exe_id, dest_exe_id, ttl, max_bytes, resumable=resumable
+            )
             return Minted(relay.ticket, relay.expires_at, relay)
         if self.shared is not None:
             raise RuntimeError("this registry counts slots in a shared ledger: await mint()")
         ttl_s = self._check_mint(workspace_id, source_exe_id, dest_exe_id, ttl)
         ticket, claims, expires_at = self._sign(
-            workspace_id, source_exe_id, dest_exe_id, max_bytes, ttl_s
+            workspace_id, source_exe_id, dest_exe_id, max_bytes, ttl_s, resumable
         )
         now = self.clock()
         self.ledger.reserve(ticket_key(ticket), workspace_id, now + ttl_s, now)
@@ -369,22 +553,26 @@ class Registry:
         dest_exe_id: str,
         ttl: float | None = None,
         max_bytes: int = 0,
+        *,
+        resumable: bool = False,
     ) -> Minted:
         """`mint_now`, counting the slot in the shared ledger when one is
         attached (raises `ClusterUnavailable` when it cannot be reached)."""
         shared = self.shared
         if shared is None:
-            return self.mint_now(workspace_id, source_exe_id, dest_exe_id, ttl, max_bytes)
+            return self.mint_now(
+                workspace_id, source_exe_id, dest_exe_id, ttl, max_bytes, resumable=resumable
+            )
         ttl_s = self._check_mint(workspace_id, source_exe_id, dest_exe_id, ttl, local_caps=False)
         if self.keys is not None:
             ticket, claims, expires_at = self._sign(
-                workspace_id, source_exe_id, dest_exe_id, max_bytes, ttl_s
+                workspace_id, source_exe_id, dest_exe_id, max_bytes, ttl_s, resumable
             )
             await shared.reserve(ticket_key(ticket), workspace_id, claims.expires_ms)
             observe.log_created(_Signed(ticket, claims), ttl_s, claims.max_bytes)
             return Minted(ticket, expires_at, None)
         relay = self._new_relay(
-            new_ticket(), workspace_id, source_exe_id, dest_exe_id, max_bytes, ttl_s
+            new_ticket(), workspace_id, source_exe_id, dest_exe_id, max_bytes, ttl_s, resumable
         )
         await shared.reserve(relay.key, workspace_id, _unix_ms(relay.expires_at))
         try:
@@ -417,14 +605,26 @@ class Registry:
         return ttl_s
 
     def _sign(
-        self, workspace_id: str, source_exe_id: str, dest_exe_id: str, max_bytes: int, ttl_s: float
+        self,
+        workspace_id: str,
+        source_exe_id: str,
+        dest_exe_id: str,
+        max_bytes: int,
+        ttl_s: float,
+        resumable: bool,
     ) -> tuple[str, TicketClaims, datetime.datetime]:
         assert self.keys is not None
         # A signed ticket's expiry is whole milliseconds: expires_at says
         # exactly what the ticket says.
         expires_ms = _unix_ms(self.wall_clock()) + math.ceil(ttl_s * 1000)
         claims = TicketClaims.new(
-            workspace_id, source_exe_id, dest_exe_id, max_bytes=max_bytes, expires_ms=expires_ms
+            workspace_id,
+            source_exe_id,
+            dest_exe_id,
+            max_bytes=max_bytes,
+            expires_ms=expires_ms,
+            resumable=resumable,
+            ttl_ms=math.ceil(ttl_s * 1000),
         )
         return self.keys.sign(claims), claims, _from_unix_ms(expires_ms)
 
@@ -436,6 +636,7 @@ class Registry:
         dest_exe_id: str,
         max_bytes: int,
         ttl_s: float,
+        resumable: bool = False,
     ) -> Relay:
         now = self.clock()
         return Relay(
@@ -448,6 +649,8 @@ class Registry:
             now,
             now + ttl_s,
             self.wall_clock() + datetime.timedelta(seconds=ttl_s),
+            resumable=resumable,
+            max_resumes=self.max_resumes,
         )
 
     def _add(self, relay: Relay) -> None:
@@ -508,7 +711,11 @@ class Registry:
             now + left_s,
             _from_unix_ms(claims.expires_ms),
             signed=True,
+            resumable=claims.resumable,
+            max_resumes=self.max_resumes,
         )
+        if claims.resumable and claims.ttl_ms:
+            relay.ttl_s = claims.ttl_ms / 1000  # the pairing window after a break
         self._add(relay)
         return relay
 
@@ -573,7 +780,7 @@ class Registry:
                 relay.key,
                 relay.workspace_id,
                 _unix_ms(relay.expires_at),
-                single_use=relay.signed,
+                single_use=relay.signed and not relay.resumable,
             )
 
     def _remove(self, relay: Relay, was_paired: bool) -> None:

@@ -39,8 +39,21 @@ Where the idle timeout fires: `_idle_check`, at the server timer's deadline
 ``last progress + idle_timeout_s`` (re-armed from the last progress when it
 fires early), so it is late by at most the loop's timer resolution.
 
-Endings: every way out goes through `_succeed` or `_fail`, which call
-`Relay.finish` exactly once and then tell both ends. A failed transfer is
+Resumable relays (`core/resume.py`): a transfer may start mid-body. Its
+`Resumed` plan says where the destination is (``start``), how many upload
+payload bytes to read and drop first (``skip``), whether the destination's
+answer head is still to be sent (a new GET: ``200``/``206``) or already went
+(the same response continues), and the upload's framer when the upload
+itself is carried over. A break (one end lost, EOF, idle, superseded) on a
+resumable relay does not fail it: `_break` tells `Relay.broke`, hands the
+surviving end back to the relay (`TransferEnd.transfer_suspended`) with the
+offset it is at, and this transfer is over. Success on a resumable relay
+waits until the destination's TCP acknowledged the last byte (its socket's
+send queue is empty, ``SIOCOUTQ``), so a break inside the last socket
+buffer's worth stays resumable.
+
+Endings: every way out goes through `_succeed`, `_fail` or `_break`, which
+call `Relay.finish` (or `Relay.broke`) exactly once and then tell both ends. A failed transfer is
 made visible to the receiver by its connection (`TransferEnd.transfer_ended`
 with ``ok=False``): a TCP reset, never a clean close, so no client can take a
 short body for a whole one.
@@ -49,9 +62,15 @@ short body for a whole one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import fcntl
 import hashlib
-from typing import TYPE_CHECKING, Protocol
+import struct
+import termios
+from typing import TYPE_CHECKING, Literal, Protocol
 
+from ..core import observe
 from ..core.chunked import ChunkError
 from ..core.config import RelayConfig
 from ..core.deadlines import Deadline
@@ -60,6 +79,7 @@ from ..core.errors import (
     DownloadAborted,
     IdleTimeout,
     PayloadTooLarge,
+    Superseded,
     TransferError,
     TransferShutDown,
     UploadAborted,
@@ -77,6 +97,7 @@ from ..core.session import Input
 from .flow import BufferPool, ReadGate
 from .kernel_splice import AVAILABLE as KERNEL_SPLICE_AVAILABLE
 from .kernel_splice import KernelPipe, dup_transport_socket
+from .registry import WaitingEnd
 from .timer import LoopTimer
 
 if TYPE_CHECKING:
@@ -84,9 +105,37 @@ if TYPE_CHECKING:
 
 _CRLF = b"\r\n"
 
+# How often a finished resumable transfer looks whether the destination's
+# TCP acknowledged the tail (SIOCOUTQ). A loopback or LAN peer acks within
+# a poll or two; the idle timeout bounds the wait.
+ACK_POLL_S = 0.005
 
-class TransferEnd(Protocol):
-    """One side of a transfer, as the transfer sees it (a connection)."""
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Resumed:
+    """How a transfer of a resumable relay starts (see the module docstring)."""
+
+    start: int
+    """The destination's offset: the first byte it receives from us now."""
+    skip: int
+    """Upload payload bytes to read and drop before forwarding."""
+    length: int
+    """``L``, the whole body's length."""
+    copied: list[tuple[str, str]]
+    """Headers of the destination's answer (the first PUT's)."""
+    send_head: bool
+    """The destination is a new GET: its answer's head goes first."""
+    partial: bool
+    """That GET asked for a Range: ``206`` with ``Content-Range``."""
+    framer: BodyFramer | None
+    """The upload's framer when the upload is carried over (else a new one)."""
+    resumes: int
+    """Breaks survived so far, for the source's success answer."""
+
+
+class TransferEnd(WaitingEnd, Protocol):
+    """One side of a transfer, as the transfer sees it (a connection; after
+    a break of a resumable relay it waits again, hence `WaitingEnd`)."""
 
     @property
     def transport(self) -> asyncio.Transport: ...
@@ -98,6 +147,10 @@ class TransferEnd(Protocol):
         """The transfer is over. The source gets ``answer`` (its whole HTTP
         response; ``ok`` means its body was read to the end); the destination
         gets ``answer=None`` and must reset its connection unless ``ok``."""
+
+    def transfer_suspended(self, at: int, framer: BodyFramer | None) -> None:
+        """A resumable relay broke on the other side: this end waits for a
+        new partner, at offset ``at`` (the upload keeps its ``framer``)."""
 
 
 class Transfer:
@@ -113,8 +166,12 @@ class Transfer:
         "_kernel",
         "_kernel_pending",
         "_last_progress",
+        "_payload_at_start",
         "_pinned",
         "_reframe",
+        "_resumed",
+        "_skip",
+        "_start",
         "_timer",
         "down",
         "down_transport",
@@ -140,6 +197,7 @@ class Transfer:
         pool: BufferPool,
         timer: LoopTimer,
         config: RelayConfig,
+        resumed: Resumed | None = None,
     ) -> None:
         self.relay = relay
         self.up = up
@@ -151,7 +209,16 @@ class Transfer:
         self.pool = pool
         self._timer = timer
         self.idle_timeout_s = config.idle_timeout_s
-        self._framer = BodyFramer(up_head.content_length, up_head.chunked, relay.max_bytes)
+        self._resumed = resumed
+        if resumed is None:
+            self._framer = BodyFramer(up_head.content_length, up_head.chunked, relay.max_bytes)
+            self._start = self._skip = 0
+        else:
+            # A resumable body's length was checked against max_bytes when
+            # the PUT claimed its side; the framer only counts.
+            self._framer = resumed.framer or BodyFramer(up_head.content_length, False)
+            self._start, self._skip = resumed.start, resumed.skip
+        self._payload_at_start = self._framer.payload
         # A chunked upload is re-framed as chunked for an HTTP/1.1 download;
         # an HTTP/1.0 client cannot read chunks, so it gets a close-delimited
         # body whose failure is a reset (RFC 9112 §6.3 rule 8).
@@ -173,10 +240,12 @@ class Transfer:
         # bytes must pass through Python (no splice(2)).
         self._hasher = hashlib.sha256() if config.audit_digest else None
         remaining = self._framer.remaining
-        # splice(2) needs plain sockets on both ends and a known length.
+        # splice(2) needs plain sockets on both ends and a known length (and
+        # no bytes to drop first: those go through the buffered path).
         self._kernel_pending = (
             KERNEL_SPLICE_AVAILABLE
             and self._hasher is None
+            and self._skip == 0
             and config.kernel_splice_min_bytes > 0
             and self.pins_buffers
             and up_plain
@@ -192,26 +261,43 @@ class Transfer:
 
     @property
     def forwarded(self) -> int:
-        """Payload bytes handed to the download transport so far."""
-        return self._framer.payload
+        """Payload bytes handed to the download transport so far; on a
+        resumable relay, the destination's offset (bytes it had before this
+        transfer included)."""
+        return self._start + self._framer.payload - self._payload_at_start - self._skipped
+
+    @property
+    def _skipped(self) -> int:
+        resumed = self._resumed
+        return 0 if resumed is None else resumed.skip - self._skip
 
     def start(self, body_prefix: bytes) -> None:
         """Send the download's head and whatever body arrived while the PUT waited."""
         head = self.up_head
-        # A PUT with neither Content-Length nor chunked framing has an empty
-        # body (RFC 9112 §6.3): the GET must then say Content-Length: 0, not
-        # promise chunks that never come.
-        length = None if head.chunked else (head.content_length or 0)
-        copied = [(name, value) for name in COPIED_HEADERS if (value := head.header(name))]
-        # The head leaves with the first payload bytes when they are already
-        # here (a small upload often is whole): one write, one segment.
-        self._head = download_head(
-            copied,
-            length,
-            close_delimited=head.chunked and not self._reframe,
-            close=self._download_close,
-        )
-        if head.expect_continue and not body_prefix:
+        resumed = self._resumed
+        if resumed is not None:
+            if resumed.send_head:
+                self._head = download_head(
+                    resumed.copied,
+                    resumed.length - resumed.start,
+                    close=self._download_close,
+                    content_range=(resumed.start, resumed.length) if resumed.partial else None,
+                )
+        else:
+            # A PUT with neither Content-Length nor chunked framing has an
+            # empty body (RFC 9112 §6.3): the GET must then say
+            # Content-Length: 0, not promise chunks that never come.
+            length = None if head.chunked else (head.content_length or 0)
+            copied = [(name, value) for name in COPIED_HEADERS if (value := head.header(name))]
+            # The head leaves with the first payload bytes when they are
+            # already here (a small upload often is whole): one write.
+            self._head = download_head(
+                copied,
+                length,
+                close_delimited=head.chunked and not self._reframe,
+                close=self._download_close,
+            )
+        if head.expect_continue and not body_prefix and (resumed is None or resumed.framer is None):
             self.up_transport.write(CONTINUE_100)
         self._arm_idle()
         if body_prefix:
@@ -292,6 +378,12 @@ class Transfer:
             self._buf = None
 
     def upload_eof(self) -> None:
+        if self._finished:
+            return
+        if self._break("PUT", "the upload ended before the body was complete"):
+            err = UploadAborted("relay: upload ended before the body was complete", self.forwarded)
+            self.up.transfer_ended(_error_answer(err), False)
+            return
         if not self._finished:
             self._fail(
                 Input.UPLOAD_ABORTED,
@@ -301,6 +393,8 @@ class Transfer:
     def upload_lost(self, exc: Exception | None) -> None:
         if not self._finished:
             why = f": {exc}" if exc else ""
+            if self._break("PUT", f"upload connection lost{why}"):
+                return
             self._fail(
                 Input.UPLOAD_ABORTED,
                 UploadAborted(f"relay: upload connection lost{why}", self.forwarded),
@@ -316,7 +410,14 @@ class Transfer:
         except ChunkError as exc:
             self._fail(Input.UPLOAD_ABORTED, UploadAborted(f"relay: {exc}", self.forwarded))
             return
-        self._write_payload(view, runs, framer.payload - before)
+        total = framer.payload - before
+        if self._skip:
+            # Resumed: the destination has these bytes already. Drop them.
+            dropped = min(self._skip, total)
+            self._skip -= dropped
+            runs = _drop(runs, dropped)
+            total -= dropped
+        self._write_payload(view, runs, total)
         if framer.over_limit:
             # Exactly max_bytes went out; never one byte more.
             self._fail(
@@ -363,7 +464,31 @@ class Transfer:
         if self.pins_buffers and self.down_transport.get_write_buffer_size():
             self._draining_tail = True  # resume_writing finishes it
         else:
+            self._tail_handed_over()
+
+    def _tail_handed_over(self) -> None:
+        """Every byte is with the download's transport (or its socket)."""
+        if self._resumed is None:
+            self._succeed()  # v1: handed over is done
+            return
+        # Resumable: done once the destination's TCP acknowledged the tail.
+        self._draining_tail = True
+        self._check_acked()
+
+    def _check_acked(self) -> None:
+        if self._finished:
+            return
+        if self.down_transport.get_write_buffer_size() == 0 and _unacked(self.down_transport) == 0:
             self._succeed()
+            return
+        self._timer.after(ACK_POLL_S, self._check_acked)
+
+    def download_eof(self) -> None:
+        """The destination half-closed. After the last byte that is how a
+        client that read everything may say goodbye: its FIN comes after its
+        acknowledgements, so look now rather than at the next poll."""
+        if self._draining_tail and self._resumed is not None and not self._finished:
+            self._check_acked()
 
     # --- download side (called by the download connection) ------------------------
 
@@ -380,7 +505,7 @@ class Transfer:
         if self._finished:
             return
         if self._draining_tail:
-            self._succeed()
+            self._tail_handed_over()
         elif self._kernel_pending:
             self._engage_kernel()
         elif self._kernel is None:
@@ -389,10 +514,24 @@ class Transfer:
     def download_lost(self, exc: Exception | None) -> None:
         if not self._finished:
             why = str(exc) if exc else "connection closed by peer"
+            if self._break("GET", f"download connection lost: {why}"):
+                return
             self._fail(
                 Input.DOWNLOAD_ABORTED,
                 DownloadAborted(f"relay: download connection lost: {why}", self.forwarded),
             )
+
+    def supersede(self, side: Literal["PUT", "GET"]) -> None:
+        """A newer request takes ``side`` of this resumable relay over: that
+        end breaks now, and its connection is closed."""
+        if self._finished:
+            return
+        gone = self.up if side == "PUT" else self.down
+        err = Superseded(f"relay: {side} side taken over by a newer request", self.forwarded)
+        if not self._break(side, "superseded by a newer request"):
+            self._fail(Input.UPLOAD_ABORTED if side == "PUT" else Input.DOWNLOAD_ABORTED, err)
+            return
+        gone.transfer_ended(None if side == "GET" else _error_answer(err), False)
 
     def shut_down(self) -> None:
         """The server is stopping: abort visibly, outcome SHUTDOWN."""
@@ -411,6 +550,19 @@ class Transfer:
         if self._finished:
             return
         if self._timer.clock() - self._last_progress >= self.idle_timeout_s:
+            # A resumable relay: the stalled side (the destination when it
+            # holds us paused or has not acked the tail, else the source)
+            # broke; the other waits for its return.
+            stalled: Literal["PUT", "GET"] = (
+                "GET" if self._draining_tail or self.up_gate.paused else "PUT"
+            )
+            if self._break(stalled, "idle timeout"):
+                if stalled == "PUT":
+                    err = IdleTimeout("relay: idle timeout", self.forwarded)
+                    self.up.transfer_ended(_error_answer(err), False)
+                else:
+                    self.down.transfer_ended(None, False)
+                return
             self._fail(
                 Input.IDLE_TIMEOUT,
                 IdleTimeout(
@@ -422,6 +574,46 @@ class Transfer:
             self._arm_idle()  # bytes moved since: the deadline follows them
 
     # --- endings -------------------------------------------------------------------
+
+    def _break(self, side: Literal["PUT", "GET"], why: str) -> bool:
+        """A resumable relay lost ``side``: hand the surviving end back to the
+        relay to wait for a new partner. False if the relay cannot resume
+        (not resumable, or out of breaks): the caller fails it as v1 does."""
+        relay = self.relay
+        if self._resumed is None or self._finished or not relay.can_resume():
+            return False
+        kernel = self._kernel
+        in_pipe = kernel.in_pipe if kernel is not None else 0
+        self._end()
+        self._pinned.clear()  # the lost transport may still reference them
+        self._buf = None
+        survivor = self.down if side == "PUT" else self.up
+        framer = self._framer
+        if side == "GET" and in_pipe:
+            # Taken from the source inside the kernel pipe, then lost with
+            # the destination: the upload is past them.
+            framer.skip_known_length(in_pipe)
+        upload_at = self._upload_base + framer.payload
+        at = self.forwarded if side == "PUT" else upload_at
+        record = relay.record
+        if record is not None and side == "PUT":
+            record.point = at
+        relay.broke(side, survivor if not self._survivor_gone(survivor) else None)
+        observe.log_break(relay, side, at, why)
+        if not self._survivor_gone(survivor):
+            survivor.transfer_suspended(at, framer if side == "GET" else None)
+        return True
+
+    def _survivor_gone(self, end: TransferEnd) -> bool:
+        return end.transport.is_closing()
+
+    @property
+    def _upload_base(self) -> int:
+        """The offset of the upload's first body byte (its Content-Range)."""
+        resumed = self._resumed
+        if resumed is None:
+            return 0
+        return resumed.length - (self._framer.payload + (self._framer.remaining or 0))
 
     def _end(self) -> None:
         self._finished = True
@@ -437,6 +629,8 @@ class Transfer:
     def _succeed(self) -> None:
         self._end()
         answer: dict[str, object] = {"bytes": self.forwarded, "status": "ok"}
+        if self._resumed is not None:
+            answer["resumes"] = self.relay.breaks
         if self._hasher is not None:
             answer["sha256"] = self.relay.digest = self._hasher.hexdigest()
         self.relay.finish(Input.UPLOAD_COMPLETE, None)
@@ -463,3 +657,31 @@ class Transfer:
     def __repr__(self) -> str:
         state = "finished" if self._finished else "streaming"
         return f"<Transfer {state} forwarded={self.forwarded} pinned={len(self._pinned)}>"
+
+
+def _drop(runs: Runs, count: int) -> Runs:
+    """``runs`` without their first ``count`` payload bytes."""
+    kept: Runs = []
+    for start, end in runs:
+        if count >= end - start:
+            count -= end - start
+            continue
+        kept.append((start + count, end))
+        count = 0
+    return kept
+
+
+def _unacked(transport: asyncio.Transport) -> int:
+    """Bytes the destination's TCP has not acknowledged (``SIOCOUTQ``); 0
+    when the socket cannot tell (then handed over is the best we know)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    with contextlib.suppress(OSError, TypeError, AttributeError, ValueError):
+        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        return int(struct.unpack("i", raw)[0])
+    return 0
+
+
+def _error_answer(err: TransferError) -> bytes:
+    return simple_response(err.status, err.content_type, err.body(), close=True)

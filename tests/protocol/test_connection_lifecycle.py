@@ -141,6 +141,16 @@ def fire(
             conn._dispatch(Event.PARTNER_GONE)
     elif event is Event.DRAIN:
         conn.drain()
+    elif event is Event.SUSPENDED:
+        if conn.phase in (Phase.UPLOADING, Phase.DOWNLOADING):
+            conn.transfer_suspended(0, None)  # a resumable relay lost the other end
+        else:
+            conn._dispatch(Event.SUSPENDED)
+    elif event is Event.SUPERSEDED:
+        if conn.phase is Phase.WAITING:
+            conn.superseded()  # a newer request took the side over
+        else:
+            conn._dispatch(Event.SUPERSEDED)
     else:
         conn.shut_down()
 
