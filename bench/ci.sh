@@ -6,5 +6,6 @@ cd "$(dirname "$0")/.."
 .venv/bin/python -m bench.load --quick --json bench/results/ci-quick.json
 # The cluster setups (real haproxy, redis-server, nodes), tiny sizes: integrity only.
 .venv/bin/python -m bench.cluster --quick --json bench/results/ci-cluster-quick.json
+.venv/bin/python -m bench.resume --quick --json bench/results/ci-resume-quick.json  # resumable relays: integrity only
 FASTRELAY_BENCH_BYTES=$((8 * 1024 * 1024)) .venv/bin/python -m pytest bench/ -q -p no:cacheprovider \
     --benchmark-json=bench/results/ci-pytest-benchmark.json

@@ -133,6 +133,19 @@ class RelayCollector(Collector):
         for status, n in sorted(m.relay_refusals.items()):
             refusals.add_metric([str(status)], n)
         yield refusals
+        resumes = CounterMetricFamily(
+            "fastrelay_resumes",
+            "Requests that continued a resumable relay after a break, by side (PUT, GET).",
+            labels=["side"],
+        )
+        for side, n in sorted(m.resumes.items()):
+            resumes.add_metric([side], n)
+        yield resumes
+        yield CounterMetricFamily(
+            "fastrelay_superseded",
+            "Connections of resumable relays taken over by a newer request for their side.",
+            value=m.superseded,
+        )
         yield CounterMetricFamily(
             "fastrelay_refused_connections",
             "Connections closed at once (--max-connections or draining).",

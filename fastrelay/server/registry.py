@@ -56,6 +56,7 @@ from ..core.errors import (
     Expired,
     PairingTimeout,
     PayloadTooLarge,
+    RangeNotSatisfiable,
     RelayError,
     ResumeFrom,
     ServedElsewhere,
@@ -97,7 +98,7 @@ class WaitingEnd(Protocol):
     def superseded(self) -> None:
         """A newer request took this side over: close; the side is gone."""
 
-    def resume_refused(self, err: ResumeFrom) -> None:
+    def resume_refused(self, err: RelayError) -> None:
         """A carried-over source cannot serve the new destination: answer
         ``err`` (409 + Upload-Offset) and close; the side is gone."""
 
@@ -317,18 +318,26 @@ class Relay:
         cannot stay: a new PUT is refused (before its ``100 Continue``); a
         carried-over PUT is answered 409 and leaves, the GET then waits."""
         record = self.record
-        if record is None:
-            return  # the first pairing: both start at 0, or the GET's Range
         down_at = down.resume_at
         if down_at is None:
             assert down.head is not None
             down_at = resume.get_offset(down.head) or 0
+            if record is None and down_at:
+                # A first pairing here with a Range (the ticket's node died,
+                # its sides came back to us): the PUT says what L is.
+                assert up.head is not None
+                length = resume.put_offset(up.head)[1]
+                if down_at >= length:
+                    self._refuse_waiting(up, down, RangeNotSatisfiable(length))
+                    return
         up_at = up.resume_at
         if up_at is None:
             assert up.head is not None
             up_at = resume.put_offset(up.head)[0]
             if up_at > down_at:
-                raise ResumeFrom(down_at)
+                self._refuse_waiting(down, up, ResumeFrom(down_at))
+            return
+        if record is None:
             return
         if up_at > down_at:
             # The open PUT is past the byte the new destination needs, and we
@@ -342,6 +351,19 @@ class Relay:
         """Whether one more break leaves this relay alive (resumable, within
         ``max_resumes``); if not, a break ends it as a failure, as in v1."""
         return self.resumable and self.breaks < self.max_resumes and not self.session.done
+
+    def _refuse_waiting(self, keep: WaitingEnd, refused: WaitingEnd, err: RelayError) -> None:
+        """One of a pair that cannot pair: the arriving one is refused (the
+        caller raises); a waiting one is answered and leaves."""
+        if refused is not self.put_party and refused is not self.get_party:
+            raise err
+        if refused is self.put_party:
+            self.put_party = None
+            self.session.handle(Input.PUT_LEAVES, self._registry.clock())
+        else:
+            self.get_party = None
+            self.session.handle(Input.GET_LEAVES, self._registry.clock())
+        refused.resume_refused(err)
 
     def broke(self, side: Side, survivor: WaitingEnd | None) -> None:
         """The transfer lost ``side`` (a break; `can_resume` said it may):

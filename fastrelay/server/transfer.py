@@ -66,6 +66,7 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import socket
 import struct
 import termios
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -172,6 +173,7 @@ class Transfer:
         "_resumed",
         "_skip",
         "_start",
+        "_tail_sock",
         "_timer",
         "down",
         "down_transport",
@@ -219,6 +221,7 @@ class Transfer:
             self._framer = resumed.framer or BodyFramer(up_head.content_length, False)
             self._start, self._skip = resumed.start, resumed.skip
         self._payload_at_start = self._framer.payload
+        self._tail_sock: socket.socket | None = None
         # A chunked upload is re-framed as chunked for an HTTP/1.1 download;
         # an HTTP/1.0 client cannot read chunks, so it gets a close-delimited
         # body whose failure is a reset (RFC 9112 §6.3 rule 8).
@@ -472,16 +475,26 @@ class Transfer:
             self._succeed()  # v1: handed over is done
             return
         # Resumable: done once the destination's TCP acknowledged the tail.
+        # We look through a dup of its socket: a peer that read everything
+        # and then resets (HAProxy closing its server side does) must count
+        # as done, and after the reset only a dup can still tell what was
+        # acknowledged (the reset purges the queue, not the count).
         self._draining_tail = True
+        if self._tail_sock is None:
+            self._tail_sock = dup_transport_socket(self.down_transport)
         self._check_acked()
 
     def _check_acked(self) -> None:
         if self._finished:
             return
-        if self.down_transport.get_write_buffer_size() == 0 and _unacked(self.down_transport) == 0:
+        if self.down_transport.get_write_buffer_size() == 0 and self._tail_acked():
             self._succeed()
             return
         self._timer.after(ACK_POLL_S, self._check_acked)
+
+    def _tail_acked(self) -> bool:
+        sock = self._tail_sock
+        return sock is None or _unacked(sock) == 0
 
     def download_eof(self) -> None:
         """The destination half-closed. After the last byte that is how a
@@ -512,6 +525,15 @@ class Transfer:
             self.up_gate.resume()
 
     def download_lost(self, exc: Exception | None) -> None:
+        if (
+            self._draining_tail
+            and self._resumed is not None
+            and self._tail_sock is not None
+            and not self._finished
+            and _unacked(self._tail_sock) == 0
+        ):
+            self._succeed()  # it had every byte, then left
+            return
         if not self._finished:
             why = str(exc) if exc else "connection closed by peer"
             if self._break("GET", f"download connection lost: {why}"):
@@ -617,6 +639,9 @@ class Transfer:
 
     def _end(self) -> None:
         self._finished = True
+        if self._tail_sock is not None:
+            self._tail_sock.close()
+            self._tail_sock = None
         if self._kernel is not None:
             # The dup'd sockets go first: only then do the transports own
             # the connections again (and a reset really ends them).
@@ -671,12 +696,9 @@ def _drop(runs: Runs, count: int) -> Runs:
     return kept
 
 
-def _unacked(transport: asyncio.Transport) -> int:
+def _unacked(sock: socket.socket) -> int:
     """Bytes the destination's TCP has not acknowledged (``SIOCOUTQ``); 0
     when the socket cannot tell (then handed over is the best we know)."""
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return 0
     with contextlib.suppress(OSError, TypeError, AttributeError, ValueError):
         raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
         return int(struct.unpack("i", raw)[0])

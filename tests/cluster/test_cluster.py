@@ -537,3 +537,87 @@ def test_without_redis_mint_is_503_and_paired_transfers_complete(
         assert 0.0 in down
         c.redis.start()
         wait_for(lambda: mint(c.url)[0] == 201, 10, "minting to work again with Redis back")
+
+
+def _retry_until_ok(args: list[str], deadline: float) -> tuple[int, str, int]:
+    """Run ``curl args`` until it exits 0 (a client retrying through HAProxy
+    while the cluster takes the ticket over): (last exit code, its stdout,
+    attempts)."""
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            done = subprocess.run(
+                _curl(*args), capture_output=True, timeout=max(deadline - time.monotonic(), 1)
+            )
+        except subprocess.TimeoutExpired as exc:
+            return -1, (exc.stdout or b"").decode(errors="replace"), attempts
+        if done.returncode == 0 or time.monotonic() > deadline:
+            return done.returncode, done.stdout.decode(errors="replace"), attempts
+        time.sleep(0.2)  # a client's backoff between attempts, not an ordering
+
+
+def test_a_resumable_relay_survives_the_kill_9_of_its_node(
+    tmp_path: pathlib.Path, payloads: dict[int, pathlib.Path]
+) -> None:
+    """Both sides of a resumable transfer come back through HAProxy after
+    its node is killed, and finish on the node that takes the ticket over
+    once the dead node's lease lapsed: one intact body, nothing sent twice
+    to the destination."""
+    payload = payloads[2_500_000]
+    size = payload.stat().st_size
+    with cluster_of(tmp_path) as c, contextlib.ExitStack() as stack:
+        status, answer = mint(c.url, workspace_id="resumable", resumable=True)
+        assert status == 201 and answer["resumable"] is True
+        ticket, url = answer["ticket"], answer["upload_url"]
+        out = tmp_path / "resumed.bin"
+        auth = f"Authorization: Bearer {ticket}"
+        get = subprocess.Popen(
+            _curl("-f", "-H", auth, "-o", str(out), url),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        put = subprocess.Popen(
+            _curl("-H", auth, "--limit-rate", "500K", "-T", str(payload), url),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        for proc in (get, put):
+            stack.callback(lambda p=proc: (p.poll() is None and p.kill(), p.communicate()))
+        _wait_paired(c, 1)
+        wait_for(lambda: out.exists() and out.stat().st_size > 100_000, 15, "bytes to flow")
+        victim, victim_name, _ = busiest_node(c)
+        victim.kill()
+        killed = time.monotonic()
+        get.communicate(timeout=30)
+        first_answer, _ = put.communicate(timeout=30)
+        # Both broke, visibly: curl 18/56 for the GET, no ok for the PUT
+        # (HAProxy answers it 502, or the connection just ends).
+        assert get.returncode in (18, 56), get.returncode
+        assert b'"status":"ok"' not in first_answer
+        had = out.stat().st_size
+        assert 0 < had < size
+        # Both clients retry as a user's would: the GET from what it has
+        # (curl -C -), the PUT the whole file (the relay drops what the
+        # destination already has).
+        deadline = killed + 25
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            got = pool.submit(
+                _retry_until_ok, ["-f", "-H", auth, "-C", "-", "-o", str(out), url], deadline
+            )
+            sent = pool.submit(
+                _retry_until_ok, ["-f", "-H", auth, "-T", str(payload), url], deadline
+            )
+            get_rc, _, get_tries = got.result()
+            put_rc, put_answer, put_tries = sent.result()
+        finished = time.monotonic() - killed
+        if get_rc or put_rc:
+            print("victim", victim_name, victim.url, "had", had)
+            for node in c.nodes:
+                print(node.url, pathlib.Path(node.stderr_path).read_text()[-3000:])
+        assert get_rc == 0 and put_rc == 0, (get_rc, put_rc, put_answer)
+        assert _sha(out) == _sha(payload)
+        assert json.loads(put_answer)["bytes"] == size
+        print(
+            f"\nresumable node loss: {victim_name} killed with {had} of {size} bytes delivered;"
+            f" both clients finished {finished:.1f} s after the kill"
+            f" (GET {get_tries} attempts, PUT {put_tries}), body intact"
+        )

@@ -435,6 +435,13 @@ def test_a_new_get_supersedes_a_silent_one_instead_of_423(rrelay: Relay) -> None
     with pytest.raises((ConnectionResetError, AssertionError, OSError)):
         recv_exact(old, L, got)
     assert relay_metric(rrelay, "superseded") == 1
+    with rrelay.connect() as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        scrape = b""
+        while chunk := sock.recv(65536):
+            scrape += chunk
+    assert b"fastrelay_superseded_total 1.0" in scrape
+    assert b'fastrelay_resumes_total{side="GET"} 1.0' in scrape
 
 
 def relay_metric(relay: Relay, name: str) -> int:
