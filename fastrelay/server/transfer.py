@@ -420,7 +420,8 @@ class Transfer:
             self._skip -= dropped
             runs = _drop(runs, dropped)
             total -= dropped
-        self._write_payload(view, runs, total)
+        if not self._write_payload(view, runs, total):
+            return  # the destination was gone (`_send`)
         if framer.over_limit:
             # Exactly max_bytes went out; never one byte more.
             self._fail(
@@ -432,26 +433,35 @@ class Transfer:
                 self._send(last_chunk(framer.trailer_fields()))
             self._upload_complete()
 
-    def _write_payload(self, view: memoryview, runs: Runs, total: int) -> None:
-        """One write (or one outgoing chunk) for all payload runs of one read."""
+    def _write_payload(self, view: memoryview, runs: Runs, total: int) -> bool:
+        """One write (or one outgoing chunk) for all payload runs of one read.
+        False if the destination turned out to be gone (`_send`)."""
         if not total:
-            return
+            return True
         hasher = self._hasher
         if hasher is not None:
             for start, end in runs:
                 hasher.update(view[start:end])
         if len(runs) == 1 and not self._reframe:
             start, end = runs[0]
-            self._send(view[start:end])
-            return
+            return self._send(view[start:end])
         parts: list[bytes | memoryview] = [b"%x\r\n" % total] if self._reframe else []
         parts.extend(view[start:end] for start, end in runs)
         if self._reframe:
             parts.append(_CRLF)
-        self._send(*parts)
+        return self._send(*parts)
 
-    def _send(self, *parts: bytes | memoryview) -> None:
-        """Write ``parts`` to the download, after the head if it is still ours."""
+    def _send(self, *parts: bytes | memoryview) -> bool:
+        """Write ``parts`` to the download, after the head if it is still ours.
+        False if the destination is gone (then it has been handled as lost)."""
+        if self.down_transport.is_closing():
+            # The destination's connection is gone, and its protocol has not
+            # heard yet (a TLS transport learns of a reset first, discards
+            # what it is given with a warning, and tells us a loop turn or
+            # more later): without this, a fast source could finish into the
+            # void and be told "ok". It is a loss, now.
+            self.download_lost(None)
+            return False
         head = self._head
         if head is not None:
             self._head = None
@@ -460,9 +470,11 @@ class Transfer:
             self.down_transport.write(parts[0])
         elif parts:
             self.down_transport.writelines(parts)
+        return True
 
     def _upload_complete(self) -> None:
-        self._send()  # an empty body still has its head
+        if not self._send():  # an empty body still has its head
+            return
         self.up_gate.pause()
         if self.pins_buffers and self.down_transport.get_write_buffer_size():
             self._draining_tail = True  # resume_writing finishes it
@@ -493,6 +505,8 @@ class Transfer:
         self._timer.after(ACK_POLL_S, self._check_acked)
 
     def _tail_acked(self) -> bool:
+        if self.down_transport.is_closing():
+            return False  # gone: download_lost decides (through the dup)
         sock = self._tail_sock
         return sock is None or _unacked(sock) == 0
 
