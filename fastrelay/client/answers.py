@@ -35,6 +35,10 @@ class MintResult:
     upload_url: str
     download_url: str
     expires_at: dt.datetime
+    resumable: bool = False
+    """True when the relay confirmed ``"resumable": true`` (asked with
+    ``mint(..., resumable=True)``): a break of either side can be resumed.
+    False from a relay that does not know the option (it ignores it)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,11 +76,17 @@ class TransferFailed(errors.RelayError):
     answered an error after body bytes were sent; then ``status`` is that
     answer's status and ``__cause__`` the mapped relay error. Otherwise
     ``status`` is 502.
+
+    ``broke`` is True when the connection broke (reset, closed early, timed
+    out, or could not be made again): what ``retries`` retries, since on a
+    resumable ticket the relay keeps the other side waiting. It is False
+    for a failure a retry cannot mend (an error answer, a local check).
     """
 
-    def __init__(self, message: str, status: int = BAD_GATEWAY) -> None:
+    def __init__(self, message: str, status: int = BAD_GATEWAY, *, broke: bool = False) -> None:
         super().__init__(message)
         self.status = status
+        self.broke = broke
 
 
 class RelayUnreachable(TransferFailed):
@@ -84,7 +94,7 @@ class RelayUnreachable(TransferFailed):
     TLS handshake failed. Nothing was sent on the ticket's behalf."""
 
     def __init__(self, address: str, reason: str, *, untrusted: bool = False) -> None:
-        super().__init__(f"cannot reach the relay at {address}: {reason}")
+        super().__init__(f"cannot reach the relay at {address}: {reason}", broke=True)
         self.address = address
         self.reason = reason
         self.untrusted = untrusted
@@ -121,6 +131,25 @@ class DigestMismatch(errors.RelayError):
         super().__init__(f"sha-256 mismatch: expected {expected}, received {actual}")
         self.expected = expected
         self.actual = actual
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryNotice:
+    """A broken transfer about to be retried (``put``/``get`` with
+    ``retries``, reported to ``on_retry`` before the wait)."""
+
+    error: TransferFailed
+    """What broke."""
+    at: int
+    """Bytes of the body moved when it broke (sent by ``put``; in the file,
+    or written, for ``get``)."""
+    retry: int
+    """This retry's number among consecutive attempts that moved no byte
+    (1 after an attempt that moved bytes)."""
+    retries: int
+    """The most such retries (the ``retries`` argument)."""
+    delay: float
+    """Seconds waited before the retry."""
 
 
 class Progress(Protocol):
@@ -164,6 +193,15 @@ def _forwarded(body: bytes) -> int:
     return 0
 
 
+def _resume_offset(body: bytes) -> int | None:
+    """The ``offset`` of a resumable relay's 409 ``{"error":"resume from P","offset":P}``."""
+    with contextlib.suppress(ValueError):
+        doc = json.loads(body)
+        if isinstance(doc, dict) and type(doc.get("offset")) is int and doc["offset"] >= 0:
+            return int(doc["offset"])
+    return None
+
+
 def answer_error(status: int, body: bytes, *, mint: bool = False) -> errors.RelayError:
     """The exception for an error answer of the relay (status, body)."""
     message = _answer_message(body)
@@ -186,6 +224,10 @@ def answer_error(status: int, body: bytes, *, mint: bool = False) -> errors.Rela
         err = errors.PayloadTooLarge(seen, limit, _forwarded(body))
     elif status == 429:
         err = errors.WorkspaceCapReached()
+    elif status == 409 and (offset := _resume_offset(body)) is not None:
+        # A resumable relay: "send again from offset" (Upload-Offset; the
+        # body carries the same number).
+        err = errors.ResumeFrom(offset)
     else:
         return RelayRefused(status, message or f"HTTP {status}")
     if message and message != err.message:

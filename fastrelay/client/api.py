@@ -28,17 +28,21 @@ failures only the client can see are `TransferFailed`
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
 import json
+import logging
 import math
 import os
+import random
 import re
 import socket
 import ssl
 import stat
+import time
 import urllib.parse
 from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import IO, Any, NamedTuple, TypeAlias, TypeVar
@@ -46,6 +50,7 @@ from typing import IO, Any, NamedTuple, TypeAlias, TypeVar
 import h11
 import httpx
 
+from ..core import errors
 from .answers import (
     DigestMismatch,
     GetResult,
@@ -55,6 +60,7 @@ from .answers import (
     PutResult,
     RelayRefused,
     RelayUnreachable,
+    RetryNotice,
     TransferFailed,
     answer_error,
     describe_os_error,
@@ -72,6 +78,7 @@ __all__ = [
     "PutResult",
     "RelayRefused",
     "RelayUnreachable",
+    "RetryNotice",
     "TransferFailed",
 ]
 
@@ -80,6 +87,16 @@ CHUNK_SIZE = 256 * 1024
 # Error answers are small; never buffer more than this of one.
 _MAX_ERROR_BODY = 64 * 1024
 _USER_AGENT = "fastrelay-client"
+BACKOFF = 0.5
+"""First wait before a retry, seconds; each retry that follows an attempt
+that moved no byte waits twice as long, up to `BACKOFF_CAP`."""
+BACKOFF_CAP = 8.0
+# How far back a resumed upload can restart without re-reading its source
+# to rebuild the running sha-256: one hasher copy per chunk sent (a few
+# hundred bytes each), the last 64 chunks (16 MiB). The relay's resume point
+# trails what was sent by socket buffers, well under that.
+_HASH_SNAPSHOTS = 64
+_log = logging.getLogger("fastrelay.client")
 
 Source: TypeAlias = "str | os.PathLike[str] | bytes | IO[bytes] | Iterable[bytes]"
 Dest: TypeAlias = "str | os.PathLike[str] | IO[bytes]"
@@ -147,6 +164,40 @@ class _Body:
     length: int | None  # None: chunked, digest in a trailer
     digest: bytes | None  # known up front: sent as a header
     close: Callable[[], None]
+    reader: Callable[[int], Iterator[bytes]] | None = None
+    """The body's chunks from an offset on: a body that can be sent again
+    (a regular file, bytes). None for a stream, read once."""
+    consumed: bool = False
+    """A byte was taken from a stream: it cannot be sent again."""
+    snapshots: collections.deque[tuple[int, Any]] = dataclasses.field(
+        default_factory=lambda: collections.deque(maxlen=_HASH_SNAPSHOTS)
+    )
+    """(offset, sha-256 of the bytes before it) at recent chunk ends."""
+
+    def chunks_from(self, offset: int) -> Iterator[bytes]:
+        if self.reader is None:
+            assert offset == 0
+            return self.chunks
+        return self.reader(offset)
+
+    def hasher_at(self, offset: int) -> Any:
+        """A sha-256 over the body's first ``offset`` bytes, so a resumed
+        upload still checks the whole body against its digest: from the
+        nearest snapshot at or before ``offset``, else from the start."""
+        at, hasher = 0, hashlib.sha256()
+        for pos, snap in reversed(self.snapshots):
+            if pos <= offset:
+                at, hasher = pos, snap.copy()
+                break
+        if at < offset:
+            assert self.reader is not None
+            for chunk in self.reader(at):
+                take = chunk[: offset - at]
+                hasher.update(take)
+                at += len(take)
+                if at >= offset:
+                    break
+        return hasher
 
 
 def _read_chunks(f: IO[bytes]) -> Iterator[bytes]:
@@ -168,14 +219,19 @@ def _file_body(f: IO[bytes], close: Callable[[], None]) -> _Body:
     for chunk in _read_chunks(f):
         hasher.update(chunk)
     length = f.tell() - start
-    f.seek(start)
-    return _Body(_read_chunks(f), length, hasher.digest(), close)
+
+    def reader(offset: int) -> Iterator[bytes]:
+        f.seek(start + offset)  # now, not at the first next(): see hasher_at
+        return _read_chunks(f)
+
+    return _Body(reader(0), length, hasher.digest(), close, reader)
 
 
 def _open_source(source: Source) -> _Body:
     if isinstance(source, bytes | bytearray | memoryview):
         data = bytes(source)
-        return _Body(iter([data]), len(data), hashlib.sha256(data).digest(), lambda: None)
+        digest = hashlib.sha256(data).digest()
+        return _Body(iter([data]), len(data), digest, lambda: None, lambda at: iter([data[at:]]))
     if isinstance(source, str | os.PathLike):
         f = open(source, "rb")  # noqa: SIM115 - closed by _Body.close
         try:
@@ -198,6 +254,13 @@ class _Sink:
             self._path = os.fspath(dest)
         else:
             self._file = dest
+        # Over every byte written, across attempts: a resumed download
+        # appends exactly where the last one stopped.
+        self._hasher = hashlib.sha256()
+        self.written = 0
+        # Bytes in the .partial came from an earlier attempt: the digest is
+        # checked over the file as it is on disk, re-read whole.
+        self._appended = False
 
     @property
     def partial(self) -> str | None:
@@ -217,6 +280,50 @@ class _Sink:
 
     def write(self, data: bytes) -> None:
         self._opened().write(data)
+        self._hasher.update(data)
+        self.written += len(data)
+
+    def position(self) -> int:
+        """Where a resumed download continues: the size of ``<path>.partial``
+        (what is really there), or the bytes written to a stream."""
+        if self._path is None:
+            return self.written
+        f = self._opened()
+        f.flush()
+        return os.fstat(f.fileno()).st_size
+
+    def continue_at(self, offset: int) -> None:
+        """A ``206`` from ``offset``: append to what earlier attempts wrote."""
+        if self._path is not None:
+            self._opened().seek(offset)
+            self._appended = self._appended or offset > 0
+
+    def restart(self) -> None:
+        """A ``200`` to a resumed request: the whole body comes again."""
+        if self._path is None:
+            if self.written:
+                raise TransferFailed(
+                    "the relay sent the body again from its start, and a stream "
+                    "cannot be rewound: download to a file (-o FILE) to resume"
+                )
+            return
+        f = self._opened()
+        f.seek(0)
+        f.truncate()
+        self._hasher, self.written, self._appended = hashlib.sha256(), 0, False
+
+    def digest(self) -> bytes:
+        """The sha-256 of the whole download: the running hash, or after a
+        resume the file re-read from disk (its first part came from an
+        earlier attempt, and what counts is what the file holds)."""
+        if not self._appended or self.partial is None:
+            return self._hasher.digest()
+        self._opened().flush()
+        hasher = hashlib.sha256()
+        with open(self.partial, "rb") as f:
+            for chunk in _read_chunks(f):
+                hasher.update(chunk)
+        return hasher.digest()
 
     def commit(self) -> None:
         f = self._opened()
@@ -263,17 +370,27 @@ def _next_event(conn: h11.Connection) -> _Flow[h11.Event]:
         try:
             event = conn.next_event()
         except h11.RemoteProtocolError as exc:
+            if conn.trailing_data[1]:
+                # h11 raises this too when the connection ends (EOF) before
+                # the answer does: a break, as a reset would be.
+                raise TransferFailed(
+                    "the relay closed the connection without a complete answer", broke=True
+                ) from exc
             raise TransferFailed(f"incomplete or malformed answer from the relay: {exc}") from exc
         if event is h11.NEED_DATA:
             try:
                 data = yield _Recv()
             except OSError as exc:
                 reason = describe_os_error(exc)
-                raise TransferFailed(f"the connection to the relay broke ({reason})") from exc
+                raise TransferFailed(
+                    f"the connection to the relay broke ({reason})", broke=True
+                ) from exc
             conn.receive_data(data)
             continue
         if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
-            raise TransferFailed("the relay closed the connection without a complete answer")
+            raise TransferFailed(
+                "the relay closed the connection without a complete answer", broke=True
+            )
         assert isinstance(event, h11.Event)
         return event
 
@@ -305,14 +422,56 @@ def _request(method: str, t: _Target, extra: list[tuple[str, str]]) -> h11.Reque
     return h11.Request(method=method, target=t.target, headers=headers)
 
 
-def _put_flow(t: _Target, body: _Body, progress: Progress, idle: float | None) -> _Flow[PutResult]:
+@dataclasses.dataclass
+class _Tally:
+    """One attempt of a transfer, as the retry plan sees it afterwards."""
+
+    offset: int = 0
+    """Where in the body this attempt starts."""
+    moved: int = 0
+    """Body bytes this attempt sent (put) or received (get)."""
+    paired: bool = False
+    """The relay accepted the request (``100``, ``200`` or ``206``)."""
+
+
+class _Carry:
+    """One progress bar over all attempts: started once, and never going
+    back (bytes sent again after a resume move it only past its mark)."""
+
+    def __init__(self, progress: Progress) -> None:
+        self._progress = progress
+        self._started = False
+        self._shown = 0
+
+    def start(self, total: int | None) -> None:
+        if not self._started:
+            self._started = True
+            self._progress.start(total)
+
+    def reach(self, position: int) -> None:
+        if position > self._shown:
+            self._progress.advance(position - self._shown)
+            self._shown = position
+
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
+
+
+def _put_flow(
+    t: _Target, body: _Body, carry: _Carry, idle: float | None, tally: _Tally
+) -> _Flow[PutResult]:
     conn = h11.Connection(h11.CLIENT)
+    offset = tally.offset
     if body.length is not None:
         assert body.digest is not None
         framing = [
-            ("Content-Length", str(body.length)),
+            ("Content-Length", str(body.length - offset)),
+            # The whole body's digest, on every attempt: a resumable relay
+            # checks that a resumed upload describes the same body.
             ("Repr-Digest", format_repr_digest(body.digest)),
         ]
+        if offset:
+            framing.append(("Content-Range", f"bytes {offset}-{body.length - 1}/{body.length}"))
     else:
         framing = [("Transfer-Encoding", "chunked"), ("Trailer", "Repr-Digest")]
     # Expect: the relay answers 100 at pairing, or a final status if it
@@ -324,16 +483,22 @@ def _put_flow(t: _Target, body: _Body, progress: Progress, idle: float | None) -
     if isinstance(event, h11.Response):
         answer = yield from _small_body(conn)
         raise answer_error(event.status_code, answer)
+    tally.paired = True
     yield _Idle(idle)
-    progress.start(body.length)
-    hasher, sent = hashlib.sha256(), 0
+    carry.start(body.length)
+    hasher = body.hasher_at(offset) if offset else hashlib.sha256()
     try:
-        for chunk in body.chunks:
+        for chunk in body.chunks_from(offset):
             if chunk:
+                body.consumed = True
                 hasher.update(chunk)
-                sent += len(chunk)
                 yield _Send(conn.send(h11.Data(data=chunk)))
-                progress.advance(len(chunk))
+                # Counted once the socket took it: a resume never starts
+                # past what really went out.
+                tally.moved += len(chunk)
+                if body.reader is not None:
+                    body.snapshots.append((offset + tally.moved, hasher.copy()))
+                carry.reach(offset + tally.moved)
         if body.length is not None and body.digest != hasher.digest():
             raise TransferFailed("the source changed while it was being sent")
         trailers = (
@@ -345,7 +510,7 @@ def _put_flow(t: _Target, body: _Body, progress: Progress, idle: float | None) -
     except h11.LocalProtocolError as exc:
         raise TransferFailed(f"the source does not match its size: {exc}") from exc
     except OSError:
-        pass  # the relay may have answered early (413, idle...) and closed: read it
+        pass  # the relay may have answered early (413, idle, 409...) and closed: read it
     event = yield from _final_response(conn)
     while isinstance(event, h11.InformationalResponse):
         event = yield from _final_response(conn)
@@ -360,39 +525,60 @@ def _put_flow(t: _Target, body: _Body, progress: Progress, idle: float | None) -
         relayed = int(doc["bytes"])
     except (ValueError, KeyError, TypeError) as exc:
         raise TransferFailed(f"unexpected answer from the relay: {_quote(answer)}") from exc
-    if relayed != sent:
-        raise TransferFailed(f"the relay delivered {relayed} of {sent} bytes")
+    # A resumed relay reports the whole body; this attempt sent its tail.
+    if relayed != offset + tally.moved:
+        raise TransferFailed(f"the relay delivered {relayed} of {offset + tally.moved} bytes")
     return PutResult(bytes=relayed, digest=hasher.hexdigest(), answer=doc)
 
 
-def _get_flow(t: _Target, sink: _Sink, progress: Progress, idle: float | None) -> _Flow[GetResult]:
+def _get_flow(
+    t: _Target, sink: _Sink, carry: _Carry, idle: float | None, tally: _Tally
+) -> _Flow[GetResult]:
     conn = h11.Connection(h11.CLIENT)
-    yield _Send(conn.send(_request("GET", t, [("Accept-Encoding", "identity")])))
+    offset = tally.offset
+    extra = [("Accept-Encoding", "identity")]
+    if offset:
+        extra.append(("Range", f"bytes={offset}-"))
+    yield _Send(conn.send(_request("GET", t, extra)))
     event = yield from _final_response(conn)  # waits for pairing, which the relay times
     while isinstance(event, h11.InformationalResponse):
         event = yield from _final_response(conn)
-    if event.status_code != 200:
+    if event.status_code not in (200, 206) or (event.status_code == 206 and not offset):
         answer = yield from _small_body(conn)
         raise answer_error(event.status_code, answer)
+    tally.paired = True
     yield _Idle(idle)
     expected = parse_repr_digest(_header_values(event.headers, b"repr-digest"))
     length = _header_values(event.headers, b"content-length")
-    progress.start(int(length[0]) if length else None)
-    hasher, received = hashlib.sha256(), 0
+    total = int(length[0]) if length else None
+    if event.status_code == 206:
+        ranges = _header_values(event.headers, b"content-range")
+        match = _CONTENT_RANGE.fullmatch(ranges[0].strip()) if ranges else None
+        if match is None or int(match.group(1)) != offset:
+            raise TransferFailed(
+                f"the relay resumed at {ranges[0] if ranges else 'no Content-Range'}, "
+                f"not at byte {offset}"
+            )
+        total = int(match.group(3))
+        sink.continue_at(offset)
+    elif offset:
+        sink.restart()  # no Range honoured: the whole body comes again
+        offset = 0
+    carry.start(total)
     while True:
         part = yield from _next_event(conn)
         if isinstance(part, h11.Data):
             sink.write(part.data)
-            hasher.update(part.data)
-            received += len(part.data)
-            progress.advance(len(part.data))
+            tally.moved += len(part.data)
+            carry.reach(offset + tally.moved)
         elif isinstance(part, h11.EndOfMessage):
             trailer = parse_repr_digest(_header_values(part.headers, b"repr-digest"))
             expected = trailer if trailer is not None else expected
             break
-    if expected is not None and expected != hasher.digest():
-        raise DigestMismatch(expected.hex(), hasher.hexdigest())
-    return GetResult(bytes=received, digest=hasher.hexdigest(), verified=expected is not None)
+    digest = sink.digest()
+    if expected is not None and expected != digest:
+        raise DigestMismatch(expected.hex(), digest.hex())
+    return GetResult(bytes=offset + tally.moved, digest=digest.hex(), verified=expected is not None)
 
 
 def _quote(body: bytes) -> str:
@@ -479,6 +665,222 @@ async def _drive_async(t: _Target, ctx: ssl.SSLContext, timeout: float | None, f
             await writer.wait_closed()
 
 
+# --- retries: plans of attempts, shared by sync and async ---------------------------
+
+
+class _Attempt(NamedTuple):
+    flow: _Flow[Any]
+
+
+class _Sleep(NamedTuple):
+    seconds: float
+
+
+# A plan yields attempts (run by a driver: their result is sent back, their
+# RelayError thrown in) and waits, and returns the transfer's result. Like
+# the flows, it is the same code for Client and AsyncClient.
+_Plan: TypeAlias = Generator[_Attempt | _Sleep, Any, T]
+
+
+def _run_sync(t: _Target, ctx: ssl.SSLContext, timeout: float | None, plan: _Plan[T]) -> T:
+    try:
+        op = next(plan)
+        while True:
+            if isinstance(op, _Sleep):
+                time.sleep(op.seconds)
+                op = plan.send(None)
+                continue
+            try:
+                result = _drive_sync(t, ctx, timeout, op.flow)
+            except errors.RelayError as exc:
+                op = plan.throw(exc)
+            else:
+                op = plan.send(result)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    finally:
+        plan.close()
+
+
+async def _run_async(t: _Target, ctx: ssl.SSLContext, timeout: float | None, plan: _Plan[T]) -> T:
+    try:
+        op = next(plan)
+        while True:
+            if isinstance(op, _Sleep):
+                await asyncio.sleep(op.seconds)
+                op = plan.send(None)
+                continue
+            try:
+                result = await _drive_async(t, ctx, timeout, op.flow)
+            except errors.RelayError as exc:
+                op = plan.throw(exc)
+            else:
+                op = plan.send(result)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    finally:
+        plan.close()
+
+
+def _log_retry(notice: RetryNotice) -> None:
+    _log.warning(
+        "transfer broke at %d bytes (%s); retry %d of %d in %.1f s",
+        notice.at,
+        notice.error.message,
+        notice.retry,
+        notice.retries,
+        notice.delay,
+    )
+
+
+def _noted(exc: TransferFailed, note: str) -> TransferFailed:
+    """``exc`` (the failure to report) with why it was not mended."""
+    exc.message = f"{exc.message}; {note}"
+    exc.args = (exc.message,)
+    return exc
+
+
+class _Retrier:
+    """Decides, after a failed attempt, whether and when to try again.
+
+    ``retries`` bounds consecutive attempts that moved no byte: an attempt
+    that moved some resets the count, so a long transfer on a flaky link
+    keeps going while a relay that is gone is given up on. Waits double from
+    ``backoff`` up to `BACKOFF_CAP`, with jitter (clients cut by one failure
+    do not all come back at once); the default 10 retries wait about a
+    minute in all, longer than a cluster node's lease (15 s).
+    """
+
+    def __init__(
+        self, retries: int, backoff: float, on_retry: Callable[[RetryNotice], None] | None
+    ) -> None:
+        if retries < 0:
+            raise ValueError(f"retries must be 0 or more (got {retries})")
+        if not (math.isfinite(backoff) and backoff >= 0):
+            raise ValueError(f"backoff must be a number of seconds >= 0 (got {backoff})")
+        self.retries = retries
+        self._backoff = backoff
+        self._on_retry = on_retry or _log_retry
+        self._streak = 0
+        self.attempts = 0
+        self.broken: TransferFailed | None = None
+        """The break being retried: what is reported if retrying fails."""
+        self.resumed = False
+        """An attempt after a break mid-transfer was accepted: the ticket is
+        resumable (a non-resumable one takes a retry only before pairing)."""
+        self._midway = False
+
+    def after(self, exc: errors.RelayError, tally: _Tally, at: int, cannot: str | None) -> float:
+        """Seconds to wait before the next attempt after ``exc``; raises the
+        failure to report when there is none. ``at``: the body's bytes moved
+        so far; ``cannot``: why this transfer cannot be sent again, if so."""
+        self.attempts += 1
+        if tally.paired and self.broken is not None and self._midway:
+            self.resumed = True
+        if tally.moved:
+            self._streak = 0
+        first = self.attempts == 1
+        if (
+            isinstance(exc, TransferFailed)
+            and exc.broke
+            and not (first and tally.offset == 0 and isinstance(exc, RelayUnreachable))
+        ):
+            # A relay that cannot be reached at all is a wrong URL or a
+            # relay that is down: reported at once, as without retries. Once
+            # the transfer has started, it is a relay coming back: retried.
+            if not self.retries:
+                raise exc
+            if cannot is not None:
+                raise _noted(exc, cannot)
+            self.broken, self._midway = exc, tally.paired
+        elif self.broken is None or isinstance(exc, DigestMismatch | TransferFailed):
+            raise exc  # not a break, and none being retried: as without retries
+        elif exc.status == 423 or exc.status >= 500:
+            pass  # a stale claim not yet released, a relay restarting: try again
+        elif isinstance(exc, errors.TicketNotFound) and not self.resumed:
+            raise _noted(
+                self.broken,
+                "the ticket is not resumable (or the relay has ended it), so it cannot be "
+                "retried; mint it resumable to resume after a break",
+            )
+        elif isinstance(exc, errors.TicketNotFound):
+            raise _noted(
+                self.broken, "the relay no longer has the ticket (it expired or ran out of resumes)"
+            )
+        else:
+            raise _noted(self.broken, f"the retry was refused: {exc.status} {exc.message}")
+        if self._streak >= self.retries:
+            raise _noted(self.broken, f"gave up after {self.retries} retries")
+        self._streak += 1
+        delay = min(BACKOFF_CAP, self._backoff * 2.0 ** (self._streak - 1))
+        delay *= random.uniform(0.8, 1.2)
+        self._on_retry(RetryNotice(self.broken, at, self._streak, self.retries, delay))
+        return delay
+
+
+def _put_plan(
+    t: _Target, body: _Body, progress: Progress, idle: float | None, retrier: _Retrier
+) -> _Plan[PutResult]:
+    carry = _Carry(progress)
+    offset = 0
+    while True:
+        tally = _Tally(offset)
+        try:
+            result: PutResult = yield _Attempt(_put_flow(t, body, carry, idle, tally))
+            return result
+        except errors.RelayError as exc:
+            failure = exc
+        at = offset + tally.moved
+        resume = _resume_from(failure)
+        if (
+            resume is not None
+            and retrier.retries
+            and body.reader is not None
+            and (tally.moved or resume < offset)
+        ):
+            # The relay named the byte the destination needs (409 with
+            # Upload-Offset): send from there at once. Not a break, no
+            # wait; it can only repeat after bytes moved or with a lower
+            # offset, so it cannot loop.
+            if isinstance(failure, TransferFailed):
+                retrier.broken = failure
+            retrier.attempts += 1
+            retrier.resumed = True  # only a resumable relay answers Upload-Offset
+            offset = resume
+            continue
+        cannot = None
+        if body.reader is None and body.consumed:
+            cannot = "a stream (stdin, a pipe) cannot be sent again: retries need a regular file"
+        delay = retrier.after(failure, tally, at, cannot)
+        if body.reader is not None and body.length:
+            # Ask to continue from what went out; a relay holding less
+            # answers 409 with its offset before any byte moves (above).
+            offset = min(at, body.length - 1)
+        yield _Sleep(delay)
+
+
+def _resume_from(exc: errors.RelayError) -> int | None:
+    """The offset of a 409 ``Upload-Offset``: refused, or after the body."""
+    cause = exc.__cause__ if isinstance(exc, TransferFailed) else exc
+    return cause.offset if isinstance(cause, errors.ResumeFrom) else None
+
+
+def _get_plan(
+    t: _Target, sink: _Sink, progress: Progress, idle: float | None, retrier: _Retrier
+) -> _Plan[GetResult]:
+    carry = _Carry(progress)
+    while True:
+        # After a break: ask for the rest of what the file holds.
+        tally = _Tally(sink.position() if retrier.broken is not None else 0)
+        try:
+            result: GetResult = yield _Attempt(_get_flow(t, sink, carry, idle, tally))
+            return result
+        except errors.RelayError as exc:
+            failure = exc
+        delay = retrier.after(failure, tally, sink.position(), None)
+        yield _Sleep(delay)
+
+
 # --- the public clients --------------------------------------------------------------
 
 
@@ -489,6 +891,7 @@ def _mint_request(
     dest_exe_id: str,
     ttl: float | None,
     max_bytes: int,
+    resumable: bool = False,
 ) -> tuple[dict[str, str], dict[str, Any]]:
     if secret is None:
         raise ValueError("minting needs the relay's shared secret (secret=...)")
@@ -501,6 +904,8 @@ def _mint_request(
         payload["ttl_seconds"] = math.ceil(ttl)  # the wire field is whole seconds
     if max_bytes:
         payload["max_bytes"] = max_bytes
+    if resumable:
+        payload["resumable"] = True  # absent otherwise: a v1 mint, byte for byte
     return {"Authorization": f"Bearer {secret}"}, payload
 
 
@@ -520,6 +925,7 @@ def _mint_result(status: int, body: bytes) -> MintResult:
             upload_url=str(doc["upload_url"]),
             download_url=str(doc["download_url"]),
             expires_at=_parse_expires_at(str(doc["expires_at"])),
+            resumable=doc.get("resumable") is True,
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise RelayRefused(status, f"unexpected mint answer: {_quote(body)}") from exc
@@ -612,10 +1018,11 @@ class Client(_Base):
         *,
         ttl: float | None = None,
         max_bytes: int = 0,
+        resumable: bool = False,
     ) -> MintResult:
         url = _mint_url(self.base_url)
         headers, payload = _mint_request(
-            self._secret, workspace_id, source_exe_id, dest_exe_id, ttl, max_bytes
+            self._secret, workspace_id, source_exe_id, dest_exe_id, ttl, max_bytes, resumable
         )
         try:
             resp = self._http.post(url, headers=headers, json=payload)
@@ -624,21 +1031,47 @@ class Client(_Base):
         return _mint_result(resp.status_code, resp.content)
 
     def put(
-        self, upload_url: str, source: Source, *, progress: Progress | None = None
+        self,
+        upload_url: str,
+        source: Source,
+        *,
+        progress: Progress | None = None,
+        retries: int = 0,
+        backoff: float = BACKOFF,
+        on_retry: Callable[[RetryNotice], None] | None = None,
     ) -> PutResult:
+        """Upload ``source``. With ``retries``, a broken connection is
+        retried (see `_Retrier`): on a resumable ticket the upload goes on
+        from the byte the destination needs (a regular file or bytes; a
+        stream can be retried only before its first byte was read).
+        ``on_retry`` hears of each retry (default: a log warning)."""
+        retrier = _Retrier(retries, backoff, on_retry)
         target, body = _put_parts(upload_url, source)
         try:
-            flow = _put_flow(target, body, progress or NoProgress(), self._timeout)
-            return _drive_sync(target, self._ssl, self._timeout, flow)
+            plan = _put_plan(target, body, progress or NoProgress(), self._timeout, retrier)
+            return _run_sync(target, self._ssl, self._timeout, plan)
         finally:
             body.close()
 
-    def get(self, download_url: str, dest: Dest, *, progress: Progress | None = None) -> GetResult:
+    def get(
+        self,
+        download_url: str,
+        dest: Dest,
+        *,
+        progress: Progress | None = None,
+        retries: int = 0,
+        backoff: float = BACKOFF,
+        on_retry: Callable[[RetryNotice], None] | None = None,
+    ) -> GetResult:
+        """Download to ``dest``. With ``retries``, a broken connection is
+        retried with ``Range: bytes=<what dest holds>-`` (see `put`); the
+        digest is checked over the whole file at the end."""
+        retrier = _Retrier(retries, backoff, on_retry)
         target, sink = _get_parts(download_url, dest)
         sink.open()  # before the GET: see _Sink.open
-        flow = _get_flow(target, sink, progress or NoProgress(), self._timeout)
+        plan = _get_plan(target, sink, progress or NoProgress(), self._timeout, retrier)
         try:
-            result = _drive_sync(target, self._ssl, self._timeout, flow)
+            result = _run_sync(target, self._ssl, self._timeout, plan)
             sink.commit()
         except BaseException:
             sink.abort()
@@ -680,10 +1113,11 @@ class AsyncClient(_Base):
         *,
         ttl: float | None = None,
         max_bytes: int = 0,
+        resumable: bool = False,
     ) -> MintResult:
         url = _mint_url(self.base_url)
         headers, payload = _mint_request(
-            self._secret, workspace_id, source_exe_id, dest_exe_id, ttl, max_bytes
+            self._secret, workspace_id, source_exe_id, dest_exe_id, ttl, max_bytes, resumable
         )
         try:
             resp = await self._http.post(url, headers=headers, json=payload)
@@ -692,23 +1126,39 @@ class AsyncClient(_Base):
         return _mint_result(resp.status_code, resp.content)
 
     async def put(
-        self, upload_url: str, source: Source, *, progress: Progress | None = None
+        self,
+        upload_url: str,
+        source: Source,
+        *,
+        progress: Progress | None = None,
+        retries: int = 0,
+        backoff: float = BACKOFF,
+        on_retry: Callable[[RetryNotice], None] | None = None,
     ) -> PutResult:
+        retrier = _Retrier(retries, backoff, on_retry)
         target, body = _put_parts(upload_url, source)
         try:
-            flow = _put_flow(target, body, progress or NoProgress(), self._timeout)
-            return await _drive_async(target, self._ssl, self._timeout, flow)
+            plan = _put_plan(target, body, progress or NoProgress(), self._timeout, retrier)
+            return await _run_async(target, self._ssl, self._timeout, plan)
         finally:
             body.close()
 
     async def get(
-        self, download_url: str, dest: Dest, *, progress: Progress | None = None
+        self,
+        download_url: str,
+        dest: Dest,
+        *,
+        progress: Progress | None = None,
+        retries: int = 0,
+        backoff: float = BACKOFF,
+        on_retry: Callable[[RetryNotice], None] | None = None,
     ) -> GetResult:
+        retrier = _Retrier(retries, backoff, on_retry)
         target, sink = _get_parts(download_url, dest)
         sink.open()  # before the GET: see _Sink.open
-        flow = _get_flow(target, sink, progress or NoProgress(), self._timeout)
+        plan = _get_plan(target, sink, progress or NoProgress(), self._timeout, retrier)
         try:
-            result = await _drive_async(target, self._ssl, self._timeout, flow)
+            result = await _run_async(target, self._ssl, self._timeout, plan)
             sink.commit()
         except BaseException:
             sink.abort()

@@ -46,15 +46,20 @@ import math
 import os
 import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import IO, Never
 
 from tqdm import tqdm
 
 from ..core import errors
 from ..core.logsafe import safe
-from .answers import DigestMismatch, MintResult, RelayUnreachable, TransferFailed
+from .answers import DigestMismatch, MintResult, RelayUnreachable, RetryNotice, TransferFailed
 from .api import Client
+
+DEFAULT_RETRIES = 10
+"""``put``/``get --retries``: consecutive attempts that move no byte before
+giving up. With waits doubling from 0.5 s to 8 s that is about a minute,
+longer than a cluster node's lease (15 s) and a relay's restart."""
 
 EXIT_OK = 0
 EXIT_LOCAL = 1
@@ -90,6 +95,13 @@ class _Bar:
         if self._bar is not None:
             self._bar.update(n)
 
+    def write(self, line: str) -> None:
+        """A line above the bar, which is redrawn below it."""
+        if self._bar is not None:
+            self._bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
@@ -105,6 +117,16 @@ def _positive_whole(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number, at least 1 (got {text})")
+    return value
+
+
+def _whole(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more (got {text})")
     return value
 
 
@@ -158,6 +180,11 @@ def add_client_commands(
     mint.add_argument(
         "--shared-secret-file", metavar="FILE", help=f"mint secret (default: ${SECRET_ENV})"
     )
+    mint.add_argument(
+        "--resumable",
+        action="store_true",
+        help="a ticket whose transfer survives a broken connection (put/get --retries resume it)",
+    )
 
     transfer = argparse.ArgumentParser(add_help=False, parents=[common])
     transfer.add_argument(
@@ -165,6 +192,14 @@ def add_client_commands(
         action=argparse.BooleanOptionalAction,
         default=None,
         help="progress bar on stderr (default: when stderr is a terminal)",
+    )
+    transfer.add_argument(
+        "--retries",
+        type=_whole,
+        default=DEFAULT_RETRIES,
+        metavar="N",
+        help="after a broken connection, retry (resuming on a resumable ticket) until N "
+        f"attempts in a row moved no byte; 0: never (default {DEFAULT_RETRIES})",
     )
     put = subparsers.add_parser(
         "put", parents=[transfer], help="upload FILE (or stdin) to an upload_url"
@@ -353,25 +388,65 @@ def _read_secret(args: argparse.Namespace) -> str:
 def _mint(args: argparse.Namespace) -> int:
     with _client(args, _read_secret(args)) as client:
         result = client.mint(
-            args.workspace, args.source, args.dest, ttl=args.ttl, max_bytes=args.max_bytes
+            args.workspace,
+            args.source,
+            args.dest,
+            ttl=args.ttl,
+            max_bytes=args.max_bytes,
+            resumable=args.resumable,
         )
-    print(json.dumps(_mint_json(result), separators=(",", ":")))
+    print(json.dumps(_mint_json(result, args.resumable), separators=(",", ":")))
+    if args.resumable and not result.resumable:
+        # The ticket exists and works, but a break will end it: say so
+        # rather than let a later --retries find out.
+        print(
+            'fastrelay: warning: the relay did not confirm "resumable" (it is older than '
+            "resumable relays): the ticket is not resumable",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 
-def _mint_json(result: MintResult) -> dict[str, str]:
-    return {
+def _mint_json(result: MintResult, asked_resumable: bool = False) -> dict[str, object]:
+    answer: dict[str, object] = {
         "ticket": result.ticket,
         "upload_url": result.upload_url,
         "download_url": result.download_url,
         "expires_at": result.expires_at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
     }
+    if asked_resumable:
+        answer["resumable"] = result.resumable  # the relay's echo, as its answer has it
+    return answer
+
+
+def _retry_notice(args: argparse.Namespace, bar: _Bar | None) -> Callable[[RetryNotice], None]:
+    """One stderr line per break: where it broke and which retry comes when."""
+
+    def notice(n: RetryNotice) -> None:
+        what = "upload" if args.command == "put" else "download"
+        line = safe(
+            f"fastrelay: {what} broke at {n.at} bytes ({n.error.message}); "
+            f"retry {n.retry} of {n.retries} in {n.delay:.1f} s",
+            2048,
+        )
+        if bar is not None:
+            bar.write(line)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    return notice
 
 
 def _put(args: argparse.Namespace, bar: _Bar | None) -> int:
     source: str | IO[bytes] = sys.stdin.buffer if args.file == "-" else args.file
     with _client(args) as client:
-        result = client.put(args.url, source, progress=bar)
+        result = client.put(
+            args.url,
+            source,
+            progress=bar,
+            retries=args.retries,
+            on_retry=_retry_notice(args, bar),
+        )
     # Like curl: the relay's answer, so a script gets the byte count (and the
     # sha256 of a relay run with --audit-digest).
     print(json.dumps(dict(result.answer), separators=(",", ":")))
@@ -381,7 +456,9 @@ def _put(args: argparse.Namespace, bar: _Bar | None) -> int:
 def _get(args: argparse.Namespace, bar: _Bar | None) -> int:
     dest: str | IO[bytes] = args.output if args.output else sys.stdout.buffer
     with _client(args) as client:
-        client.get(args.url, dest, progress=bar)
+        client.get(
+            args.url, dest, progress=bar, retries=args.retries, on_retry=_retry_notice(args, bar)
+        )
     return EXIT_OK
 
 

@@ -44,6 +44,8 @@ WALKTHROUGHS = {
     "curl-walkthrough": "received.bin is data.bin",
     "curl-stream": "unpacked/dir is dir",
     "client-walkthrough": "received.bin is data.bin",
+    "resume-curl": "big.got is big.bin",
+    "resume-client": "big.out is big.bin",
 }
 
 
@@ -70,13 +72,17 @@ def test_readme_has_the_marked_walkthroughs() -> None:
 
 def test_readme_quick_start_leaves_the_shell_usable() -> None:
     """The quick start's first block, which the test cannot run (it installs
-    the package and takes port 8080), leaves what the walkthroughs use: the
-    secret exported and the relay in the background, waited for."""
-    first = SH_BLOCK.findall(README.read_text(encoding="utf-8"))[0]
+    the package and takes port 8080), is one command (the quick start has
+    exactly two) and leaves what the walkthroughs use: the secret exported
+    and the relay in the background; the first walkthrough waits for it."""
+    text = README.read_text(encoding="utf-8")
+    first, second = SH_BLOCK.findall(text)[:2]
+    assert len(first.strip().splitlines()) == 1, first
+    assert len(second.strip().splitlines()) == 1, second
     assert "export FASTRELAY_SHARED_SECRET=" in first
-    serve = next(line for line in first.splitlines() if "fastrelay serve" in line)
-    assert re.search(r"&\s*(#.*)?$", serve), serve
-    assert f"http://{README_ADDRESS}/healthz" in first
+    assert re.search(r"fastrelay serve [^&]*& \}\s*$", first), first
+    assert "pytest" in second
+    assert "/healthz" in readme_blocks()["curl-walkthrough"].splitlines()[2]
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +141,9 @@ def test_readme_walkthrough_runs(name: str, relay_address: str, tmp_path: pathli
     assert sent.stat().st_size == 1_000_000
     assert received.read_bytes() == sent.read_bytes()
     assert not (tmp_path / "received.bin.partial").exists()
+    if name == "resume-client":
+        # A resumable ticket's answer counts the resumes (none without a break).
+        assert '{"bytes":3000000,"status":"ok","resumes":0}' in out.stdout.splitlines(), report
     if name == "client-walkthrough":
         # `fastrelay put` prints the relay's answer, as curl does (the curl
         # walkthrough's upload printed the first of these two lines).
