@@ -1,5 +1,7 @@
-"""The Python client (`api`: `Client`, `AsyncClient`, their results and
-errors) and the ``fastrelay mint|put|get`` commands (`commands`).
+"""The Python client and the ``fastrelay mint|put|get`` commands: `api`
+(`Client`, `AsyncClient`, the drivers that touch sockets, retries), `flows`
+(the sans-IO PUT/GET exchanges on h11, sources and sinks), `answers` (what
+the relay's answers mean: results, errors, digests), `commands` (the CLI).
 
 May import: `fastrelay.core`. Never `fastrelay.server` or
 `fastrelay.cluster`: a client needs nothing of the server to talk to it.

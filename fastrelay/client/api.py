@@ -5,10 +5,10 @@ share everything but socket I/O:
 
 * **mint** goes through httpx (a small JSON request/response, where httpx's
   connection pooling and TLS settings are what we want);
-* **put/get** are written as *sans-IO flows* on h11: generators that yield
-  "send these bytes" / "give me the next bytes" / "set the idle timeout" and
-  receive the results. ``_drive_sync`` and ``_drive_async`` are the only two
-  pieces of code that touch a socket. httpx cannot be used here because it
+* **put/get** are written as *sans-IO flows* on h11 (`flows`): generators
+  that yield "send these bytes" / "give me the next bytes" / "set the idle
+  timeout" and receive the results. ``_drive_sync`` and ``_drive_async``
+  here are the only two pieces of code that touch a socket. httpx cannot be used here because it
   neither sends request trailers nor exposes response trailers (both carry
   the RFC 9530 digest of a streamed body), and it does not wait for
   ``100 Continue``, which we need to tell a refusal from a failed transfer.
@@ -28,26 +28,20 @@ failures only the client can see are `TransferFailed`
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import dataclasses
 import datetime as dt
-import hashlib
 import json
 import logging
 import math
-import os
 import random
 import re
 import socket
 import ssl
-import stat
 import time
 import urllib.parse
-from collections.abc import Callable, Generator, Iterable, Iterator
-from typing import IO, Any, NamedTuple, TypeAlias, TypeVar
+from collections.abc import Callable, Generator
+from typing import Any, NamedTuple, TypeAlias, TypeVar
 
-import h11
 import httpx
 
 from ..core import errors
@@ -64,8 +58,24 @@ from .answers import (
     TransferFailed,
     answer_error,
     describe_os_error,
-    format_repr_digest,
-    parse_repr_digest,
+)
+from .flows import (
+    CHUNK_SIZE,
+    Body,
+    Carry,
+    Dest,
+    Flow,
+    Recv,
+    Send,
+    Sink,
+    Source,
+    Tally,
+    Target,
+    get_flow,
+    open_source,
+    parse_relay_url,
+    put_flow,
+    quote,
 )
 
 __all__ = [
@@ -83,57 +93,16 @@ __all__ = [
 ]
 
 MINT_PATH = "/api/exec-gateway/relay/create"
-CHUNK_SIZE = 256 * 1024
-# Error answers are small; never buffer more than this of one.
-_MAX_ERROR_BODY = 64 * 1024
-_USER_AGENT = "fastrelay-client"
 BACKOFF = 0.5
 """First wait before a retry, seconds; each retry that follows an attempt
 that moved no byte waits twice as long, up to `BACKOFF_CAP`."""
 BACKOFF_CAP = 8.0
-# How far back a resumed upload can restart without re-reading its source
-# to rebuild the running sha-256: one hasher copy per chunk sent (a few
-# hundred bytes each), the last 64 chunks (16 MiB). The relay's resume point
-# trails what was sent by socket buffers, well under that.
-_HASH_SNAPSHOTS = 64
 _log = logging.getLogger("fastrelay.client")
 
-Source: TypeAlias = "str | os.PathLike[str] | bytes | IO[bytes] | Iterable[bytes]"
-Dest: TypeAlias = "str | os.PathLike[str] | IO[bytes]"
 T = TypeVar("T")
 
 
-# --- URLs, TLS, digests ------------------------------------------------------------
-
-
-class _Target(NamedTuple):
-    tls: bool
-    host: str
-    port: int
-    target: str
-    host_header: str
-    ticket: str
-
-
-_RELAY_URL_FORM = "expected http(s)://HOST[:PORT]/relay/TICKET, as the mint answer gives it"
-
-
-def _parse_relay_url(url: str) -> _Target:
-    """Split ``http(s)://host[:port]/relay/<ticket>``; the ticket is the last segment."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        port_number = parts.port  # raises on a port out of range or not a number
-    except ValueError as exc:
-        raise ValueError(f"not a relay URL ({exc}): {url}; {_RELAY_URL_FORM}") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"not a relay URL: {url}; {_RELAY_URL_FORM}")
-    ticket = urllib.parse.unquote(parts.path.rstrip("/").rpartition("/")[2])
-    if not ticket:
-        raise ValueError(f"no ticket in the URL: {url}; {_RELAY_URL_FORM}")
-    tls = parts.scheme == "https"
-    port = port_number or (443 if tls else 80)
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return _Target(tls, parts.hostname, port, target, parts.netloc.rpartition("@")[2], ticket)
+# --- TLS ---------------------------------------------------------------------------
 
 
 def _ssl_context(verify: ssl.SSLContext | str | bool) -> ssl.SSLContext:
@@ -151,450 +120,15 @@ def _ssl_context(verify: ssl.SSLContext | str | bool) -> ssl.SSLContext:
     return ctx
 
 
-def _header_values(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[str]:
-    return [v.decode("latin-1") for k, v in headers if k.lower() == name]
-
-
-# --- upload sources and download sinks (file I/O, shared by sync and async) -------
-
-
-@dataclasses.dataclass
-class _Body:
-    chunks: Iterator[bytes]
-    length: int | None  # None: chunked, digest in a trailer
-    digest: bytes | None  # known up front: sent as a header
-    close: Callable[[], None]
-    reader: Callable[[int], Iterator[bytes]] | None = None
-    """The body's chunks from an offset on: a body that can be sent again
-    (a regular file, bytes). None for a stream, read once."""
-    consumed: bool = False
-    """A byte was taken from a stream: it cannot be sent again."""
-    snapshots: collections.deque[tuple[int, Any]] = dataclasses.field(
-        default_factory=lambda: collections.deque(maxlen=_HASH_SNAPSHOTS)
-    )
-    """(offset, sha-256 of the bytes before it) at recent chunk ends."""
-
-    def chunks_from(self, offset: int) -> Iterator[bytes]:
-        if self.reader is None:
-            assert offset == 0
-            return self.chunks
-        return self.reader(offset)
-
-    def hasher_at(self, offset: int) -> Any:
-        """A sha-256 over the body's first ``offset`` bytes, so a resumed
-        upload still checks the whole body against its digest: from the
-        nearest snapshot at or before ``offset``, else from the start."""
-        at, hasher = 0, hashlib.sha256()
-        for pos, snap in reversed(self.snapshots):
-            if pos <= offset:
-                at, hasher = pos, snap.copy()
-                break
-        if at < offset:
-            assert self.reader is not None
-            for chunk in self.reader(at):
-                take = chunk[: offset - at]
-                hasher.update(take)
-                at += len(take)
-                if at >= offset:
-                    break
-        return hasher
-
-
-def _read_chunks(f: IO[bytes]) -> Iterator[bytes]:
-    while chunk := f.read(CHUNK_SIZE):
-        yield chunk
-
-
-def _file_body(f: IO[bytes], close: Callable[[], None]) -> _Body:
-    """A regular file is hashed first so the digest can go in the head."""
-    try:
-        st = os.fstat(f.fileno())
-        regular = stat.S_ISREG(st.st_mode) and f.seekable()
-    except (OSError, AttributeError, ValueError):
-        regular = False  # io.BytesIO and friends have no fileno
-    if not regular:
-        return _Body(_read_chunks(f), None, None, close)
-    start = f.tell()
-    hasher = hashlib.sha256()
-    for chunk in _read_chunks(f):
-        hasher.update(chunk)
-    length = f.tell() - start
-
-    def reader(offset: int) -> Iterator[bytes]:
-        f.seek(start + offset)  # now, not at the first next(): see hasher_at
-        return _read_chunks(f)
-
-    return _Body(reader(0), length, hasher.digest(), close, reader)
-
-
-def _open_source(source: Source) -> _Body:
-    if isinstance(source, bytes | bytearray | memoryview):
-        data = bytes(source)
-        digest = hashlib.sha256(data).digest()
-        return _Body(iter([data]), len(data), digest, lambda: None, lambda at: iter([data[at:]]))
-    if isinstance(source, str | os.PathLike):
-        f = open(source, "rb")  # noqa: SIM115 - closed by _Body.close
-        try:
-            return _file_body(f, f.close)
-        except BaseException:
-            f.close()
-            raise
-    if hasattr(source, "read"):
-        return _file_body(source, lambda: None)  # type: ignore[arg-type]
-    return _Body(iter(source), None, None, lambda: None)
-
-
-class _Sink:
-    """Where a download goes; a path gets ``<path>.partial`` renamed on success."""
-
-    def __init__(self, dest: Dest) -> None:
-        self._path: str | None = None
-        self._file: IO[bytes] | None = None
-        if isinstance(dest, str | os.PathLike):
-            self._path = os.fspath(dest)
-        else:
-            self._file = dest
-        # Over every byte written, across attempts: a resumed download
-        # appends exactly where the last one stopped.
-        self._hasher = hashlib.sha256()
-        self.written = 0
-        # Bytes in the .partial came from an earlier attempt: the digest is
-        # checked over the file as it is on disk, re-read whole.
-        self._appended = False
-
-    @property
-    def partial(self) -> str | None:
-        return None if self._path is None else self._path + ".partial"
-
-    def open(self) -> None:
-        """Open ``<path>.partial`` now, before the GET is sent: a download
-        that cannot be written fails here, locally, without spending the
-        single-use ticket. A refusal later removes it again (`abort`)."""
-        self._opened()
-
-    def _opened(self) -> IO[bytes]:
-        if self._file is None:
-            assert self.partial is not None
-            self._file = open(self.partial, "wb")  # noqa: SIM115 - closed by commit/abort
-        return self._file
-
-    def write(self, data: bytes) -> None:
-        self._opened().write(data)
-        self._hasher.update(data)
-        self.written += len(data)
-
-    def position(self) -> int:
-        """Where a resumed download continues: the size of ``<path>.partial``
-        (what is really there), or the bytes written to a stream."""
-        if self._path is None:
-            return self.written
-        f = self._opened()
-        f.flush()
-        return os.fstat(f.fileno()).st_size
-
-    def continue_at(self, offset: int) -> None:
-        """A ``206`` from ``offset``: append to what earlier attempts wrote."""
-        if self._path is not None:
-            self._opened().seek(offset)
-            self._appended = self._appended or offset > 0
-
-    def restart(self) -> None:
-        """A ``200`` to a resumed request: the whole body comes again."""
-        if self._path is None:
-            if self.written:
-                raise TransferFailed(
-                    "the relay sent the body again from its start, and a stream "
-                    "cannot be rewound: download to a file (-o FILE) to resume"
-                )
-            return
-        f = self._opened()
-        f.seek(0)
-        f.truncate()
-        self._hasher, self.written, self._appended = hashlib.sha256(), 0, False
-
-    def digest(self) -> bytes:
-        """The sha-256 of the whole download: the running hash, or after a
-        resume the file re-read from disk (its first part came from an
-        earlier attempt, and what counts is what the file holds)."""
-        if not self._appended or self.partial is None:
-            return self._hasher.digest()
-        self._opened().flush()
-        hasher = hashlib.sha256()
-        with open(self.partial, "rb") as f:
-            for chunk in _read_chunks(f):
-                hasher.update(chunk)
-        return hasher.digest()
-
-    def commit(self) -> None:
-        f = self._opened()
-        f.flush()
-        if self._path is not None and self.partial is not None:
-            os.fsync(f.fileno())
-            f.close()
-            os.replace(self.partial, self._path)
-
-    def abort(self) -> None:
-        if self._path is not None and self.partial is not None:
-            if self._file is not None:
-                self._file.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.partial)
-
-
-# --- sans-IO flows ---------------------------------------------------------------
-
-
-class _Send(NamedTuple):
-    data: bytes
-
-
-class _Recv(NamedTuple):
-    pass
-
-
-class _Idle(NamedTuple):
-    """From now on, fail a send or receive that waits longer than ``seconds``."""
-
-    seconds: float | None
-
-
-_Op: TypeAlias = _Send | _Recv | _Idle
-# A flow yields operations, is sent received bytes (b"" at EOF, and b"" after
-# a send), and has socket errors thrown into it.
-_Flow: TypeAlias = Generator[_Op, bytes, T]
-
-
-def _next_event(conn: h11.Connection) -> _Flow[h11.Event]:
-    """The next event from the relay, receiving as needed."""
-    while True:
-        try:
-            event = conn.next_event()
-        except h11.RemoteProtocolError as exc:
-            if conn.trailing_data[1]:
-                # h11 raises this too when the connection ends (EOF) before
-                # the answer does: a break, as a reset would be.
-                raise TransferFailed(
-                    "the relay closed the connection without a complete answer", broke=True
-                ) from exc
-            raise TransferFailed(f"incomplete or malformed answer from the relay: {exc}") from exc
-        if event is h11.NEED_DATA:
-            try:
-                data = yield _Recv()
-            except OSError as exc:
-                reason = describe_os_error(exc)
-                raise TransferFailed(
-                    f"the connection to the relay broke ({reason})", broke=True
-                ) from exc
-            conn.receive_data(data)
-            continue
-        if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
-            raise TransferFailed(
-                "the relay closed the connection without a complete answer", broke=True
-            )
-        assert isinstance(event, h11.Event)
-        return event
-
-
-def _final_response(conn: h11.Connection) -> _Flow[h11.Response | h11.InformationalResponse]:
-    event = yield from _next_event(conn)
-    assert isinstance(event, h11.Response | h11.InformationalResponse)
-    return event
-
-
-def _small_body(conn: h11.Connection) -> _Flow[bytes]:
-    """An answer's body (error or PUT result), bounded."""
-    body = bytearray()
-    while True:
-        event = yield from _next_event(conn)
-        if isinstance(event, h11.EndOfMessage):
-            return bytes(body)
-        if isinstance(event, h11.Data) and len(body) < _MAX_ERROR_BODY:
-            body += event.data
-
-
-def _request(method: str, t: _Target, extra: list[tuple[str, str]]) -> h11.Request:
-    headers = [
-        ("Host", t.host_header),
-        ("Authorization", f"Bearer {t.ticket}"),
-        ("User-Agent", _USER_AGENT),
-        *extra,
-    ]
-    return h11.Request(method=method, target=t.target, headers=headers)
-
-
-@dataclasses.dataclass
-class _Tally:
-    """One attempt of a transfer, as the retry plan sees it afterwards."""
-
-    offset: int = 0
-    """Where in the body this attempt starts."""
-    moved: int = 0
-    """Body bytes this attempt sent (put) or received (get)."""
-    paired: bool = False
-    """The relay accepted the request (``100``, ``200`` or ``206``)."""
-
-
-class _Carry:
-    """One progress bar over all attempts: started once, and never going
-    back (bytes sent again after a resume move it only past its mark)."""
-
-    def __init__(self, progress: Progress) -> None:
-        self._progress = progress
-        self._started = False
-        self._shown = 0
-
-    def start(self, total: int | None) -> None:
-        if not self._started:
-            self._started = True
-            self._progress.start(total)
-
-    def reach(self, position: int) -> None:
-        if position > self._shown:
-            self._progress.advance(position - self._shown)
-            self._shown = position
-
-
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
-
-
-def _put_flow(
-    t: _Target, body: _Body, carry: _Carry, idle: float | None, tally: _Tally
-) -> _Flow[PutResult]:
-    conn = h11.Connection(h11.CLIENT)
-    offset = tally.offset
-    if body.length is not None:
-        assert body.digest is not None
-        framing = [
-            ("Content-Length", str(body.length - offset)),
-            # The whole body's digest, on every attempt: a resumable relay
-            # checks that a resumed upload describes the same body.
-            ("Repr-Digest", format_repr_digest(body.digest)),
-        ]
-        if offset:
-            framing.append(("Content-Range", f"bytes {offset}-{body.length - 1}/{body.length}"))
-    else:
-        framing = [("Transfer-Encoding", "chunked"), ("Trailer", "Repr-Digest")]
-    # Expect: the relay answers 100 at pairing, or a final status if it
-    # refuses. Not reading the source before then keeps a refusal clean (no
-    # byte consumed from a pipe) and tells "refused" from "failed".
-    head = [("Content-Type", "application/octet-stream"), ("Expect", "100-continue"), *framing]
-    yield _Send(conn.send(_request("PUT", t, head)))
-    event = yield from _final_response(conn)  # no idle limit: the relay times pairing
-    if isinstance(event, h11.Response):
-        answer = yield from _small_body(conn)
-        raise answer_error(event.status_code, answer)
-    tally.paired = True
-    yield _Idle(idle)
-    carry.start(body.length)
-    hasher = body.hasher_at(offset) if offset else hashlib.sha256()
-    try:
-        for chunk in body.chunks_from(offset):
-            if chunk:
-                body.consumed = True
-                hasher.update(chunk)
-                yield _Send(conn.send(h11.Data(data=chunk)))
-                # Counted once the socket took it: a resume never starts
-                # past what really went out.
-                tally.moved += len(chunk)
-                if body.reader is not None:
-                    body.snapshots.append((offset + tally.moved, hasher.copy()))
-                carry.reach(offset + tally.moved)
-        if body.length is not None and body.digest != hasher.digest():
-            raise TransferFailed("the source changed while it was being sent")
-        trailers = (
-            []
-            if body.length is not None
-            else [("Repr-Digest", format_repr_digest(hasher.digest()))]
-        )
-        yield _Send(conn.send(h11.EndOfMessage(headers=trailers)))
-    except h11.LocalProtocolError as exc:
-        raise TransferFailed(f"the source does not match its size: {exc}") from exc
-    except OSError:
-        pass  # the relay may have answered early (413, idle, 409...) and closed: read it
-    event = yield from _final_response(conn)
-    while isinstance(event, h11.InformationalResponse):
-        event = yield from _final_response(conn)
-    answer = yield from _small_body(conn)
-    if event.status_code != 200:
-        cause = answer_error(event.status_code, answer)
-        raise TransferFailed(
-            f"the relay ended the upload: {event.status_code} {cause.message}", event.status_code
-        ) from cause
-    try:
-        doc = json.loads(answer)
-        relayed = int(doc["bytes"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise TransferFailed(f"unexpected answer from the relay: {_quote(answer)}") from exc
-    # A resumed relay reports the whole body; this attempt sent its tail.
-    if relayed != offset + tally.moved:
-        raise TransferFailed(f"the relay delivered {relayed} of {offset + tally.moved} bytes")
-    return PutResult(bytes=relayed, digest=hasher.hexdigest(), answer=doc)
-
-
-def _get_flow(
-    t: _Target, sink: _Sink, carry: _Carry, idle: float | None, tally: _Tally
-) -> _Flow[GetResult]:
-    conn = h11.Connection(h11.CLIENT)
-    offset = tally.offset
-    extra = [("Accept-Encoding", "identity")]
-    if offset:
-        extra.append(("Range", f"bytes={offset}-"))
-    yield _Send(conn.send(_request("GET", t, extra)))
-    event = yield from _final_response(conn)  # waits for pairing, which the relay times
-    while isinstance(event, h11.InformationalResponse):
-        event = yield from _final_response(conn)
-    if event.status_code not in (200, 206) or (event.status_code == 206 and not offset):
-        answer = yield from _small_body(conn)
-        raise answer_error(event.status_code, answer)
-    tally.paired = True
-    yield _Idle(idle)
-    expected = parse_repr_digest(_header_values(event.headers, b"repr-digest"))
-    length = _header_values(event.headers, b"content-length")
-    total = int(length[0]) if length else None
-    if event.status_code == 206:
-        ranges = _header_values(event.headers, b"content-range")
-        match = _CONTENT_RANGE.fullmatch(ranges[0].strip()) if ranges else None
-        if match is None or int(match.group(1)) != offset:
-            raise TransferFailed(
-                f"the relay resumed at {ranges[0] if ranges else 'no Content-Range'}, "
-                f"not at byte {offset}"
-            )
-        total = int(match.group(3))
-        sink.continue_at(offset)
-    elif offset:
-        sink.restart()  # no Range honoured: the whole body comes again
-        offset = 0
-    carry.start(total)
-    while True:
-        part = yield from _next_event(conn)
-        if isinstance(part, h11.Data):
-            sink.write(part.data)
-            tally.moved += len(part.data)
-            carry.reach(offset + tally.moved)
-        elif isinstance(part, h11.EndOfMessage):
-            trailer = parse_repr_digest(_header_values(part.headers, b"repr-digest"))
-            expected = trailer if trailer is not None else expected
-            break
-    digest = sink.digest()
-    if expected is not None and expected != digest:
-        raise DigestMismatch(expected.hex(), digest.hex())
-    return GetResult(bytes=offset + tally.moved, digest=digest.hex(), verified=expected is not None)
-
-
-def _quote(body: bytes) -> str:
-    """The start of an unexpected answer as text (a bytes repr reads as code)."""
-    return body[:200].decode("utf-8", "replace").strip() or "(empty)"
-
-
 # --- the two drivers: the only code that touches a socket --------------------------
 
 
-def _unreachable(t: _Target, exc: OSError) -> RelayUnreachable:
+def _unreachable(t: Target, exc: OSError) -> RelayUnreachable:
     untrusted = isinstance(exc, ssl.SSLCertVerificationError)
     return RelayUnreachable(f"{t.host}:{t.port}", describe_os_error(exc), untrusted=untrusted)
 
 
-def _drive_sync(t: _Target, ctx: ssl.SSLContext, timeout: float | None, flow: _Flow[T]) -> T:
+def _drive_sync(t: Target, ctx: ssl.SSLContext, timeout: float | None, flow: Flow[T]) -> T:
     try:
         sock = socket.create_connection((t.host, t.port), timeout=timeout)
         if t.tls:
@@ -612,9 +146,9 @@ def _drive_sync(t: _Target, ctx: ssl.SSLContext, timeout: float | None, flow: _F
         while True:
             reply, error = b"", None
             try:
-                if isinstance(op, _Send):
+                if isinstance(op, Send):
                     sock.sendall(op.data)
-                elif isinstance(op, _Recv):
+                elif isinstance(op, Recv):
                     reply = sock.recv(CHUNK_SIZE)
                 else:
                     sock.settimeout(op.seconds)
@@ -626,7 +160,7 @@ def _drive_sync(t: _Target, ctx: ssl.SSLContext, timeout: float | None, flow: _F
                 return stop.value  # type: ignore[no-any-return]
 
 
-async def _drive_async(t: _Target, ctx: ssl.SSLContext, timeout: float | None, flow: _Flow[T]) -> T:
+async def _drive_async(t: Target, ctx: ssl.SSLContext, timeout: float | None, flow: Flow[T]) -> T:
     try:
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(
@@ -646,10 +180,10 @@ async def _drive_async(t: _Target, ctx: ssl.SSLContext, timeout: float | None, f
         while True:
             reply, error = b"", None
             try:
-                if isinstance(op, _Send):
+                if isinstance(op, Send):
                     writer.write(op.data)
                     await asyncio.wait_for(writer.drain(), idle)
-                elif isinstance(op, _Recv):
+                elif isinstance(op, Recv):
                     reply = await asyncio.wait_for(reader.read(CHUNK_SIZE), idle)
                 else:
                     idle = op.seconds
@@ -669,7 +203,7 @@ async def _drive_async(t: _Target, ctx: ssl.SSLContext, timeout: float | None, f
 
 
 class _Attempt(NamedTuple):
-    flow: _Flow[Any]
+    flow: Flow[Any]
 
 
 class _Sleep(NamedTuple):
@@ -682,7 +216,7 @@ class _Sleep(NamedTuple):
 _Plan: TypeAlias = Generator[_Attempt | _Sleep, Any, T]
 
 
-def _run_sync(t: _Target, ctx: ssl.SSLContext, timeout: float | None, plan: _Plan[T]) -> T:
+def _run_sync(t: Target, ctx: ssl.SSLContext, timeout: float | None, plan: _Plan[T]) -> T:
     try:
         op = next(plan)
         while True:
@@ -702,7 +236,7 @@ def _run_sync(t: _Target, ctx: ssl.SSLContext, timeout: float | None, plan: _Pla
         plan.close()
 
 
-async def _run_async(t: _Target, ctx: ssl.SSLContext, timeout: float | None, plan: _Plan[T]) -> T:
+async def _run_async(t: Target, ctx: ssl.SSLContext, timeout: float | None, plan: _Plan[T]) -> T:
     try:
         op = next(plan)
         while True:
@@ -770,7 +304,7 @@ class _Retrier:
         resumable (a non-resumable one takes a retry only before pairing)."""
         self._midway = False
 
-    def after(self, exc: errors.RelayError, tally: _Tally, at: int, cannot: str | None) -> float:
+    def after(self, exc: errors.RelayError, tally: Tally, at: int, cannot: str | None) -> float:
         """Seconds to wait before the next attempt after ``exc``; raises the
         failure to report when there is none. ``at``: the body's bytes moved
         so far; ``cannot``: why this transfer cannot be sent again, if so."""
@@ -819,14 +353,14 @@ class _Retrier:
 
 
 def _put_plan(
-    t: _Target, body: _Body, progress: Progress, idle: float | None, retrier: _Retrier
+    t: Target, body: Body, progress: Progress, idle: float | None, retrier: _Retrier
 ) -> _Plan[PutResult]:
-    carry = _Carry(progress)
+    carry = Carry(progress)
     offset = 0
     while True:
-        tally = _Tally(offset)
+        tally = Tally(offset)
         try:
-            result: PutResult = yield _Attempt(_put_flow(t, body, carry, idle, tally))
+            result: PutResult = yield _Attempt(put_flow(t, body, carry, idle, tally))
             return result
         except errors.RelayError as exc:
             failure = exc
@@ -866,14 +400,14 @@ def _resume_from(exc: errors.RelayError) -> int | None:
 
 
 def _get_plan(
-    t: _Target, sink: _Sink, progress: Progress, idle: float | None, retrier: _Retrier
+    t: Target, sink: Sink, progress: Progress, idle: float | None, retrier: _Retrier
 ) -> _Plan[GetResult]:
-    carry = _Carry(progress)
+    carry = Carry(progress)
     while True:
         # After a break: ask for the rest of what the file holds.
-        tally = _Tally(sink.position() if retrier.broken is not None else 0)
+        tally = Tally(sink.position() if retrier.broken is not None else 0)
         try:
-            result: GetResult = yield _Attempt(_get_flow(t, sink, carry, idle, tally))
+            result: GetResult = yield _Attempt(get_flow(t, sink, carry, idle, tally))
             return result
         except errors.RelayError as exc:
             failure = exc
@@ -928,7 +462,7 @@ def _mint_result(status: int, body: bytes) -> MintResult:
             resumable=doc.get("resumable") is True,
         )
     except (ValueError, KeyError, TypeError) as exc:
-        raise RelayRefused(status, f"unexpected mint answer: {_quote(body)}") from exc
+        raise RelayRefused(status, f"unexpected mint answer: {quote(body)}") from exc
 
 
 def _mint_url(base_url: str | None) -> str:
@@ -959,13 +493,13 @@ def _mint_failed(url: str, exc: httpx.TransportError) -> TransferFailed:
     return TransferFailed(f"the mint request to {address} failed ({reason})")
 
 
-def _put_parts(url: str, source: Source) -> tuple[_Target, _Body]:
-    target = _parse_relay_url(url)  # before opening: a bad URL leaks no file
-    return target, _open_source(source)
+def _put_parts(url: str, source: Source) -> tuple[Target, Body]:
+    target = parse_relay_url(url)  # before opening: a bad URL leaks no file
+    return target, open_source(source)
 
 
-def _get_parts(url: str, dest: Dest) -> tuple[_Target, _Sink]:
-    return _parse_relay_url(url), _Sink(dest)
+def _get_parts(url: str, dest: Dest) -> tuple[Target, Sink]:
+    return parse_relay_url(url), Sink(dest)
 
 
 class _Base:
@@ -1068,7 +602,7 @@ class Client(_Base):
         digest is checked over the whole file at the end."""
         retrier = _Retrier(retries, backoff, on_retry)
         target, sink = _get_parts(download_url, dest)
-        sink.open()  # before the GET: see _Sink.open
+        sink.open()  # before the GET: see Sink.open
         plan = _get_plan(target, sink, progress or NoProgress(), self._timeout, retrier)
         try:
             result = _run_sync(target, self._ssl, self._timeout, plan)
@@ -1155,7 +689,7 @@ class AsyncClient(_Base):
     ) -> GetResult:
         retrier = _Retrier(retries, backoff, on_retry)
         target, sink = _get_parts(download_url, dest)
-        sink.open()  # before the GET: see _Sink.open
+        sink.open()  # before the GET: see Sink.open
         plan = _get_plan(target, sink, progress or NoProgress(), self._timeout, retrier)
         try:
             result = await _run_async(target, self._ssl, self._timeout, plan)
