@@ -510,10 +510,13 @@ class HttpConnection(asyncio.BufferedProtocol):
     def leave_superseded(self) -> None:
         """A newer request took our side of a resumable relay over."""
         self.relay = None
-        if self._side == "GET" and self.resume_at is not None:
-            self._reset()  # mid-body: visibly short
+        # A download mid-body must end visibly short; a request whose body
+        # we did not read is reset rather than left to linger.
+        mid_body = self._side == "GET" and self.resume_at is not None
+        if mid_body or self._unread_body:
+            self._reset()
         else:
-            self._reset() if self._unread_body else self.close()
+            self.close()
 
     def join_transfer(self) -> None:
         assert self.transfer is not None
@@ -957,5 +960,4 @@ def _resumed(relay: Relay, up: HttpConnection, down: HttpConnection) -> Resumed:
         send_head=send_head,
         partial=partial,
         framer=up._carried_framer,
-        resumes=relay.breaks,
     )

@@ -244,11 +244,10 @@ class Relay:
         self._registry.check_open()
         if side == "PUT":
             assert end.head is not None
-            if self.resumable:
-                self._check_resumed_upload(end.head)
-            length = end.head.content_length
-            if self.record is None and self.resumable:
-                length = resume.put_offset(end.head)[1]
+            # A resumable PUT's length is the whole body's (its Content-Range's).
+            length = (
+                self._check_resumed_upload(end.head) if self.resumable else end.head.content_length
+            )
             if self.max_bytes > 0 and length is not None and length > self.max_bytes:
                 # Refused before a single byte is read: the ticket is spent,
                 # and a GET that is already waiting learns why at once.
@@ -307,11 +306,12 @@ class Relay:
         if carried:
             self._lost_carried_end(side)
 
-    def _check_resumed_upload(self, head: RequestHead) -> None:
-        offset, length = resume.put_offset(head)  # 411 for chunked, 400 for a bad range
+    def _check_resumed_upload(self, head: RequestHead) -> int:
+        """The body's length ``L`` a resumable PUT declares; 411 for chunked,
+        400 for a bad Content-Range, 409 if it is not the first PUT's body."""
+        length = resume.put_offset(head)[1]
         resume.check_upload(self.record, head, length)
-        if self.record is not None and offset > self.record.length:
-            raise ResumeFrom(self.record.point)
+        return length
 
     def _check_pairing(self, up: WaitingEnd, down: WaitingEnd) -> None:
         """Can ``up`` serve what ``down`` needs next? 409 to whichever side

@@ -88,12 +88,12 @@ from ..core.errors import (
 from ..core.framing import BodyFramer, Runs
 from ..core.heads import (
     CONTINUE_100,
-    COPIED_HEADERS,
     RequestHead,
     download_head,
     last_chunk,
     simple_response,
 )
+from ..core.resume import copied_headers
 from ..core.session import Input
 from .flow import BufferPool, ReadGate
 from .kernel_splice import AVAILABLE as KERNEL_SPLICE_AVAILABLE
@@ -130,8 +130,6 @@ class Resumed:
     """That GET asked for a Range: ``206`` with ``Content-Range``."""
     framer: BodyFramer | None
     """The upload's framer when the upload is carried over (else a new one)."""
-    resumes: int
-    """Breaks survived so far, for the source's success answer."""
 
 
 class TransferEnd(WaitingEnd, Protocol):
@@ -291,7 +289,7 @@ class Transfer:
             # empty body (RFC 9112 §6.3): the GET must then say
             # Content-Length: 0, not promise chunks that never come.
             length = None if head.chunked else (head.content_length or 0)
-            copied = [(name, value) for name in COPIED_HEADERS if (value := head.header(name))]
+            copied = copied_headers(head)
             # The head leaves with the first payload bytes when they are
             # already here (a small upload often is whole): one write.
             self._head = download_head(
@@ -634,14 +632,12 @@ class Transfer:
         record = relay.record
         if record is not None and side == "PUT":
             record.point = at
-        relay.broke(side, survivor if not self._survivor_gone(survivor) else None)
+        alive = not survivor.transport.is_closing()
+        relay.broke(side, survivor if alive else None)
         observe.log_break(relay, side, at, why)
-        if not self._survivor_gone(survivor):
+        if alive:
             survivor.transfer_suspended(at, framer if side == "GET" else None)
         return True
-
-    def _survivor_gone(self, end: TransferEnd) -> bool:
-        return end.transport.is_closing()
 
     @property
     def _upload_base(self) -> int:
