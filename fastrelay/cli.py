@@ -43,6 +43,7 @@ from .client.commands import add_client_commands, parse_client_args, run_client_
 from .cluster.signed_tickets import KeyFileError
 from .core.config import MAX_DURATION_S, ConfigValueError, RelayConfig, format_number
 from .core.logsafe import safe
+from .core.pacing import RATE_FORMAT, parse_rate
 from .server.listener import RelayServer
 from .server.logformat import JsonFormatter
 from .server.tls import CertificateError, server_ssl_context
@@ -102,6 +103,9 @@ FLAGS = {
     "max_connections": "--max-connections",
     "max_pending": "--max-pending",
     "max_resumes": "--max-resumes",
+    "max_receivers": "--max-receivers",
+    "max_rate": "--max-rate",
+    "workspace_rate": "--workspace-rate",
     "read_buffer_bytes": "--buffer-size",
     "kernel_splice_min_bytes": "--kernel-splice-min-bytes",
     "ticket_key_file": "--ticket-key-file",
@@ -159,6 +163,14 @@ def _whole(text: str) -> int:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a whole number (got {text})") from None
+
+
+def _rate(text: str) -> int:
+    try:
+        return parse_rate(text)
+    except ValueError as exc:
+        # One line, with what was given (ids and flags are not secrets).
+        raise argparse.ArgumentTypeError(f"must be {RATE_FORMAT} (got {safe(text, 64)})") from (exc)
 
 
 def _public_url(text: str) -> str:
@@ -252,6 +264,28 @@ def build_parser() -> argparse.ArgumentParser:
         type=_whole,
         default=d.max_resumes,
         help="breaks a resumable relay survives; one more ends it (%(default)s)",
+    )
+    serve.add_argument(
+        "--max-receivers",
+        type=_whole,
+        default=d.max_receivers,
+        help="largest fan-out a mint may ask for (receivers) (%(default)s)",
+    )
+    serve.add_argument(
+        "--max-rate",
+        type=_rate,
+        default=d.max_rate,
+        metavar="RATE",
+        help="bytes/s every relay moves at most, K/M/G suffixes (x1024) as curl's "
+        "--limit-rate; a mint's max_rate above it is lowered to it; 0: none (%(default)s)",
+    )
+    serve.add_argument(
+        "--workspace-rate",
+        type=_rate,
+        default=d.workspace_rate,
+        metavar="RATE",
+        help="bytes/s one workspace's relays on this node move at most together, shared "
+        "evenly among them; K/M/G suffixes; 0: none (%(default)s)",
     )
     serve.add_argument(
         "--drain-timeout",
@@ -389,6 +423,9 @@ def config_from_args(args: argparse.Namespace, secret: str) -> RelayConfig:
             max_connections=args.max_connections,
             max_pending=args.max_pending,
             max_resumes=args.max_resumes,
+            max_receivers=args.max_receivers,
+            max_rate=args.max_rate,
+            workspace_rate=args.workspace_rate,
             read_buffer_bytes=args.buffer_size,
             kernel_splice_min_bytes=args.kernel_splice_min_bytes,
             audit_digest=args.audit_digest,

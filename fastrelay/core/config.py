@@ -10,6 +10,9 @@ import dataclasses
 import math
 import re
 
+from .mint import MAX_RECEIVERS
+from .pacing import MAX_RATE
+
 # A Host header we are willing to put into URLs: a DNS name or IPv4 address,
 # or a bracketed IPv6 literal, and an optional port. Nothing else (no
 # userinfo, paths or odd bytes) reaches a mint answer.
@@ -142,6 +145,18 @@ class RelayConfig:
     max_resumes: int = 16
     """Breaks a resumable relay survives; one more ends it as a failure."""
 
+    max_receivers: int = 16
+    """Largest ``receivers`` a mint may ask for (fan-out: GETs that each get
+    the whole upload)."""
+
+    max_rate: int = 0
+    """Bytes/s every relay moves at most; a mint's ``max_rate`` above it is
+    lowered to it. 0: no server-wide cap."""
+
+    workspace_rate: int = 0
+    """Bytes/s one workspace's relays on this node move at most together,
+    shared evenly among them. 0: no workspace cap."""
+
     tcp_keepalive_s: int = 15
     """TCP keepalive idle time and probe interval on accepted sockets (the Go
     gateway's listener uses 15 s)."""
@@ -231,6 +246,11 @@ class RelayConfig:
         for name in ("max_per_workspace", "max_connections", "max_pending"):
             _check_int(self, name, 1, None, "must be a whole number >= 1")
         _check_int(self, "max_resumes", 0, 1_000_000, "must be a whole number 0-1000000")
+        _check_int(
+            self, "max_receivers", 1, MAX_RECEIVERS, f"must be a whole number 1-{MAX_RECEIVERS}"
+        )
+        for name in ("max_rate", "workspace_rate"):
+            _check_int(self, name, 0, MAX_RATE, "must be a whole number of bytes/s >= 0")
         # Linux refuses TCP_KEEPIDLE/TCP_KEEPINTVL above 32767 s at accept time.
         _check_int(self, "tcp_keepalive_s", 1, 32767, "must be a whole number of seconds 1-32767")
         _check_int(self, "max_head_bytes", 1024, MAX_BUFFER_BYTES, _bytes_range(1024))

@@ -246,6 +246,28 @@ class IdleTimeout(TransferError):
     status = 500
 
 
+class ReceiversFailed(TransferError):
+    """Fan-out: the upload is whole, but ``failed`` of ``receivers`` were
+    dropped on the way (stalled or gone); the others got every byte."""
+
+    status = 502
+
+    def __init__(self, failed: int, receivers: int, forwarded: int) -> None:
+        super().__init__(f"{failed} of {receivers} receivers failed", forwarded)
+        self.receivers = receivers
+        self.delivered = receivers - failed
+
+    def body(self) -> bytes:
+        return COMPACT_JSON.encode(
+            {
+                "bytes": self.forwarded,
+                "error": self.message,
+                "receivers": self.receivers,
+                "delivered": self.delivered,
+            }
+        ).encode()
+
+
 class TransferShutDown(TransferError):
     """The server stopped (drain timeout passed, or a second signal)."""
 

@@ -54,11 +54,18 @@ MAX_ID_BYTES = 256
 """Longest workspace/source/dest id, in UTF-8 bytes. Ids go into logs and
 map keys: they must stay small."""
 
+DEFAULT_MAX_RECEIVERS = 16
+"""Largest ``receivers`` a mint may ask for unless the server says otherwise."""
+
+MAX_RECEIVERS = 1024
+"""Largest ``--max-receivers`` a server may allow: each receiver is a
+connection written to on every read of the source."""
+
 DEFAULT_MAX_TTL_S = 86400.0
 """Largest ``ttl_seconds`` accepted unless the server says otherwise (1 day)."""
 
 ID_FIELDS = ("workspace_id", "source_exe_id", "dest_exe_id")
-V2_FIELDS = ("resumable",)
+V2_FIELDS = ("resumable", "receivers", "max_rate")
 """The v2 mint options this server knows (the wire contract's v2 section)."""
 
 # A JSON string (with its escapes) or one bracket. Strings are matched whole
@@ -75,20 +82,59 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class RelayOptions:
+    """The v2 options of one relay (wire contract, v2): all default to v1."""
+
+    resumable: bool = False
+    """The relay survives broken connections."""
+    receivers: int = 1
+    """GETs that each receive the whole upload (fan-out when > 1)."""
+    max_rate: int = 0
+    """Bytes/s this relay moves at most; 0: none of its own."""
+
+    @classmethod
+    def checked(cls, resumable: bool, receivers: int, max_rate: int) -> RelayOptions:
+        """The options, or `ValueError` saying what is out of range."""
+        if isinstance(receivers, bool) or not isinstance(receivers, int):
+            raise ValueError("relay: receivers must be a whole number")
+        if not 1 <= receivers <= MAX_RECEIVERS:
+            raise ValueError(f"relay: receivers must be from 1 to {MAX_RECEIVERS}")
+        if isinstance(max_rate, bool) or not isinstance(max_rate, int) or max_rate < 0:
+            raise ValueError("relay: max_rate must be a whole number of bytes/s, 0 or more")
+        if max_rate > _MAX_INT64:
+            raise ValueError("relay: max_rate must fit in a signed 64-bit integer")
+        if resumable and receivers > 1:
+            raise ValueError("relay: resumable and receivers > 1 cannot be combined")
+        return cls(bool(resumable), receivers, max_rate)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class MintRequest:
     workspace_id: str
     source_exe_id: str
     dest_exe_id: str
     ttl_seconds: int
     max_bytes: int
-    resumable: bool = False
+    options: RelayOptions = RelayOptions()
     v2_fields: frozenset[str] = frozenset()
     """The v2 options the request named: the answer echoes their values."""
 
-    def echoed(self) -> dict[str, object]:
-        """The effective v2 options, for the answer (only those asked for,
-        so a v1 request's answer stays byte-for-byte the seed's)."""
-        return {"resumable": self.resumable} if "resumable" in self.v2_fields else {}
+    @property
+    def resumable(self) -> bool:
+        return self.options.resumable
+
+    def echoed(self, max_rate: int | None = None) -> dict[str, object]:
+        """The effective v2 options for the answer (``max_rate``: the rate
+        the server will apply). A request that named none of them gets
+        none, so a v1 answer stays byte-for-byte the seed's."""
+        if not self.v2_fields:
+            return {}
+        options = self.options
+        return {
+            "resumable": options.resumable,
+            "receivers": options.receivers,
+            "max_rate": options.max_rate if max_rate is None else max_rate,
+        }
 
 
 def check_secret(authorization: str | None, secret: str) -> None:
@@ -194,7 +240,11 @@ def _seconds(value: float) -> str:
     return str(int(value)) if value.is_integer() else f"{value:g}"
 
 
-def parse_mint_request(body: bytes, max_ttl_s: float = DEFAULT_MAX_TTL_S) -> MintRequest:
+def parse_mint_request(
+    body: bytes,
+    max_ttl_s: float = DEFAULT_MAX_TTL_S,
+    max_receivers: int = DEFAULT_MAX_RECEIVERS,
+) -> MintRequest:
     """Parse a mint body as the Go handler does, within the input limits.
 
     Raises `InvalidJSON`, `MissingIds` or `InvalidField` (all 400) and nothing
@@ -233,10 +283,43 @@ def parse_mint_request(body: bytes, max_ttl_s: float = DEFAULT_MAX_TTL_S) -> Min
     if ttl_seconds > max_ttl_s:
         raise InvalidField("ttl_seconds", f"ttl_seconds must be at most {_seconds(max_ttl_s)}")
     named = frozenset(key for key in V2_FIELDS if key in doc)
-    resumable = doc.get("resumable", False)
+    options = _options(doc, max_receivers) if named else RelayOptions()
+    return MintRequest(ids[0], ids[1], ids[2], ttl_seconds, max_bytes, options, named)
+
+
+def _options(doc: dict[str, Any], max_receivers: int) -> RelayOptions:
+    """The v2 fields (each optional; ``null`` is its default). Each wrong one
+    is a 400 naming it and what it accepts."""
+    resumable = doc.get("resumable")
+    if resumable is None:
+        resumable = False
     if not isinstance(resumable, bool):
         raise InvalidField("resumable", "resumable must be true or false")
-    return MintRequest(ids[0], ids[1], ids[2], ttl_seconds, max_bytes, resumable, named)
+    receivers = doc.get("receivers")
+    if receivers is None:
+        receivers = 1
+    if (
+        isinstance(receivers, bool)
+        or not isinstance(receivers, int)
+        or not 1 <= receivers <= max_receivers
+    ):
+        raise InvalidField(
+            "receivers", f"receivers must be a whole number from 1 to {max_receivers}"
+        )
+    max_rate = doc.get("max_rate")
+    if max_rate is None:
+        max_rate = 0
+    if (
+        isinstance(max_rate, bool)
+        or not isinstance(max_rate, int)
+        or not 0 <= max_rate <= _MAX_INT64
+    ):
+        raise InvalidField(
+            "max_rate", "max_rate must be a whole number of bytes per second, 0 or more"
+        )
+    if resumable and receivers > 1:
+        raise InvalidField("receivers", "resumable and receivers > 1 cannot be combined")
+    return RelayOptions(resumable, receivers, max_rate)
 
 
 def mint_response_body(

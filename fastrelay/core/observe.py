@@ -172,9 +172,12 @@ class Metrics:
 
     __slots__ = (
         "bytes_total",
+        "dropped_receivers",
         "mints",
         "outcomes",
+        "paced_s",
         "pairing",
+        "receiver_bytes",
         "relay_refusals",
         "resumes",
         "superseded",
@@ -182,6 +185,12 @@ class Metrics:
     )
 
     def __init__(self) -> None:
+        self.dropped_receivers = {"idle": 0, "lost": 0}
+        """Fan-out receivers cut while the others went on, by why."""
+        self.receiver_bytes = 0
+        """Payload bytes written to fan-out receivers (each counts its own)."""
+        self.paced_s = 0.0
+        """Seconds uploads spent paused by pacing."""
         self.resumes = {"PUT": 0, "GET": 0}
         """Requests that continued a resumable relay after a break, by side."""
         self.superseded = 0
@@ -319,6 +328,22 @@ def log_break(relay: TicketIds, side: str, offset: int, why: str) -> None:
             offset,
             safe(why, _LOG_LIMIT),
             extra={"event": "relay_break", "fields": fields},
+        )
+
+
+def log_dropped(relay: TicketIds, receiver: int, receivers: int, offset: int, why: str) -> None:
+    """One line per fan-out receiver dropped while the others go on."""
+    if log.isEnabledFor(logging.INFO):
+        fields = _id_fields(relay)
+        fields.update(receiver=receiver, receivers=receivers, offset=offset, why=_cut(why))
+        log.info(
+            "relay receiver dropped id=%s receiver=%d/%d offset=%d why=%s",
+            fields["id"],
+            receiver,
+            receivers,
+            offset,
+            safe(why, _LOG_LIMIT),
+            extra={"event": "relay_receiver_dropped", "fields": fields},
         )
 
 

@@ -14,7 +14,10 @@ a body is left unread).
 Relays: a ``/relay/{ticket}`` request claims its side (`Relay.claim`). The
 claim that completes a pair builds the `transfer.Transfer` from the relay
 and the two connections and tells both ``PAIRED``; from then on the data
-path is the transfer's, and this object only forwards callbacks to it.
+path is the transfer's, and this object only forwards callbacks to it. A
+fan-out relay (``receivers > 1``) pairs when the PUT and all its GETs are
+here: its data path is a `fanout.FanOut` for the source and one
+`fanout.Receiver` per destination (`DataPath`: one shape for all three).
 
 Receive buffers (`get_buffer`): an upload's reads go into the transfer's
 pooled buffers. Every other read lands in one server-wide scratch buffer and
@@ -78,12 +81,13 @@ from ..core.heads import (
 from ..core.phases import LIFECYCLE, Event, Phase
 from ..core.resume import ResumeRecord
 from ..core.tickets import extract_bearer_ticket
+from .fanout import FanOut
 from .flow import BufferPool, ReadGate
 from .timer import LoopTimer
 from .transfer import Resumed, Transfer
 
 if TYPE_CHECKING:
-    from .registry import Registry, Relay
+    from .registry import Registry, Relay, WaitingEnd
 
 log = logging.getLogger("fastrelay")
 
@@ -111,6 +115,24 @@ _TLS_POISON_RECORD = b"\x15\x03\x03\x00\x02\x02\x28"
 
 Answer = tuple[int, str, bytes]
 """Status, content type and body of a small answer."""
+
+
+class DataPath(Protocol):
+    """What a paired connection forwards its callbacks to: a `Transfer`
+    (either end), a `FanOut` (its source) or a `fanout.Receiver`."""
+
+    @property
+    def relay(self) -> Relay: ...
+
+    def upload_buffer(self) -> memoryview: ...
+    def upload_received(self, nbytes: int) -> None: ...
+    def upload_eof(self) -> None: ...
+    def upload_lost(self, exc: Exception | None) -> None: ...
+    def download_eof(self) -> None: ...
+    def download_paused(self) -> None: ...
+    def download_resumed(self) -> None: ...
+    def download_lost(self, exc: Exception | None) -> None: ...
+    def shut_down(self) -> None: ...
 
 
 class ConnectionHost(Protocol):
@@ -181,7 +203,7 @@ class HttpConnection(asyncio.BufferedProtocol):
         self.inbuf = bytearray()
         self.head: RequestHead | None = None
         self.relay: Relay | None = None
-        self.transfer: Transfer | None = None
+        self.transfer: DataPath | None = None
         self.write_paused = False
         self.lost_exc: Exception | None = None
         self._side: Literal["PUT", "GET"] = "GET"
@@ -266,7 +288,7 @@ class HttpConnection(asyncio.BufferedProtocol):
         """The server stopped accepting; requests under way go on."""
         self._dispatch(Event.DRAIN)
 
-    def paired(self, transfer: Transfer) -> None:
+    def paired(self, transfer: DataPath) -> None:
         """`Relay.claim` paired us: ``transfer`` is the data path from now on."""
         self.transfer = transfer
         self._dispatch(Event.PAIRED)
@@ -676,6 +698,9 @@ class HttpConnection(asyncio.BufferedProtocol):
             if side == "PUT" and self.inbuf:
                 self.hold_waiting_input()
             return
+        if relay.receivers > 1:
+            self._start_fanout(relay, partner)
+            return
         # We completed the pair: build the transfer from the two ends.
         up, down = (self, partner) if side == "PUT" else (partner, self)
         assert isinstance(up, HttpConnection) and isinstance(down, HttpConnection)
@@ -695,6 +720,7 @@ class HttpConnection(asyncio.BufferedProtocol):
             timer=server.timer,
             config=server.config,
             resumed=resumed,
+            pacer=server.registry.pacing.join(relay.workspace_id, relay.max_rate),
         )
         relay.stream = transfer
         prefix = bytes(up.inbuf)
@@ -702,6 +728,35 @@ class HttpConnection(asyncio.BufferedProtocol):
         up.paired(transfer)
         down.paired(transfer)
         transfer.start(prefix)
+
+    def _start_fanout(self, relay: Relay, partner: WaitingEnd) -> None:
+        """We completed a fan-out relay: one source, ``relay.receivers`` GETs."""
+        up = self if self._side == "PUT" else partner
+        downs = relay.take_receivers()
+        assert isinstance(up, HttpConnection) and up.head is not None
+        ends: list[tuple[HttpConnection, bool, bool]] = []
+        for down in downs:
+            assert isinstance(down, HttpConnection) and down.head is not None
+            ends.append((down, down.head.http10, not down._keeps_connection()))
+        server = self.server
+        registry = server.registry
+        fanout = FanOut(
+            relay,
+            up,
+            up.head,
+            list(ends),
+            pool=server.pool,
+            timer=server.timer,
+            config=server.config,
+            metrics=registry.metrics,
+            pacer=registry.pacing.join(relay.workspace_id, relay.max_rate),
+        )
+        prefix = bytes(up.inbuf)
+        up.inbuf.clear()
+        up.paired(fanout)
+        for (down, _, _), receiver in zip(ends, fanout.receivers, strict=True):
+            down.paired(receiver)
+        fanout.start(prefix)
 
     def _start_mint(self, head: RequestHead) -> None:
         if head.content_length is not None and head.content_length > self._body_limit():

@@ -26,27 +26,47 @@ class Readable(Protocol):
     def is_closing(self) -> bool: ...
 
 
+FLOW = 1
+"""A hold on reading: the destination is not taking bytes (backpressure)."""
+PACING = 2
+"""A hold on reading: a paced relay has moved its share for now."""
+
+
 class ReadGate:
-    __slots__ = ("_transport", "paused")
+    """Reading of one transport, paused while any hold is on. Each hold
+    (`FLOW`, `PACING`) is idempotent on its own: backpressure and pacing
+    pause and resume independently, and reading resumes only when neither
+    holds it."""
+
+    __slots__ = ("_holds", "_transport")
 
     def __init__(self, transport: Readable) -> None:
         self._transport = transport
-        self.paused = False
+        self._holds = 0
 
-    def pause(self) -> None:
-        if not self.paused:
-            self.paused = True
+    @property
+    def paused(self) -> bool:
+        return self._holds != 0
+
+    def held(self, why: int) -> bool:
+        return bool(self._holds & why)
+
+    def pause(self, why: int = FLOW) -> None:
+        if not self._holds:
+            self._holds = why
             if not self._transport.is_closing():
                 self._transport.pause_reading()
+        else:
+            self._holds |= why
 
-    def resume(self) -> None:
-        if self.paused:
-            self.paused = False
-            if not self._transport.is_closing():
+    def resume(self, why: int = FLOW) -> None:
+        if self._holds & why:
+            self._holds &= ~why
+            if not self._holds and not self._transport.is_closing():
                 self._transport.resume_reading()
 
     def __repr__(self) -> str:
-        return f"<ReadGate {'paused' if self.paused else 'reading'}>"
+        return f"<ReadGate {'paused' if self._holds else 'reading'}>"
 
 
 class BufferPool:

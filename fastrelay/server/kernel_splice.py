@@ -27,6 +27,10 @@ Readiness uses ``loop.add_reader``/``add_writer`` on the dup'd descriptors
 1 MiB when the system allows it; each ``splice`` is capped at the bytes the
 Content-Length still allows, so the byte count and ``max_bytes`` hold
 exactly as on the buffered path.
+
+A paced relay (`pacing.Pacer`) caps each ``splice`` from the source at what
+its bucket allows; when the bucket is low the pipe is drained and then
+neither socket is polled until the pacer's one timer calls `pace_ready`.
 """
 
 from __future__ import annotations
@@ -37,7 +41,10 @@ import fcntl
 import os
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .pacing import Pacer
 
 PIPE_BYTES = 1024 * 1024
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
@@ -74,6 +81,8 @@ class KernelPipe:
         "_on_dst_error",
         "_on_progress",
         "_on_src_error",
+        "_paced",
+        "_pacer",
         "_pipe_r",
         "_pipe_w",
         "_reading",
@@ -92,6 +101,7 @@ class KernelPipe:
         on_done: Callable[[], None],
         on_src_error: Callable[[OSError | None], None],
         on_dst_error: Callable[[OSError], None],
+        pacer: Pacer | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self.src = src
@@ -108,6 +118,8 @@ class KernelPipe:
         self._reading = False
         self._writing = False
         self._closed = False
+        self._pacer = pacer
+        self._paced = False  # the pacer said stop reading: wait for pace_ready
 
     def start(self) -> None:
         self._want_read()
@@ -133,6 +145,21 @@ class KernelPipe:
         self.src.close()
         self.dst.close()
 
+    def pace_ready(self) -> None:
+        """The pacer's pause is over: read again (after any write under way)."""
+        self._paced = False
+        if not self._closed and not self._writing:
+            self._want_read()
+
+    def _stop_polling(self) -> None:
+        """Paced: neither socket is polled until `pace_ready`."""
+        if self._reading:
+            self._loop.remove_reader(self.src.fileno())
+            self._reading = False
+        if self._writing:
+            self._loop.remove_writer(self.dst.fileno())
+            self._writing = False
+
     def _want_read(self) -> None:
         if self._writing:
             self._loop.remove_writer(self.dst.fileno())
@@ -151,9 +178,19 @@ class KernelPipe:
 
     def _on_readable(self) -> None:
         src_fd = self.src.fileno()
-        while self._remaining:
+        pacer = self._pacer
+        while self._remaining and not self._paced:
+            want = min(self._remaining, PIPE_BYTES)
+            if pacer is not None:
+                want = min(want, pacer.allowance())
+                if want <= 0:
+                    # In debt (bytes read before the splice began): the
+                    # pacer's timer says when to go on.
+                    pacer.spent(0)
+                    self._paced = True
+                    break
             try:
-                n = os.splice(src_fd, self._pipe_w, min(self._remaining, PIPE_BYTES), flags=_FLAGS)
+                n = os.splice(src_fd, self._pipe_w, want, flags=_FLAGS)
             except BlockingIOError:
                 # Either the socket has nothing more or the pipe is full.
                 break
@@ -165,6 +202,8 @@ class KernelPipe:
                 return
             self._remaining -= n
             self._in_pipe += n
+            if pacer is not None and pacer.spent(n):
+                self._paced = True  # pacer.on_ready -> pace_ready
             if not self._drain():
                 return
         if self._closed:
@@ -173,11 +212,15 @@ class KernelPipe:
             self._want_write()
         elif self._remaining == 0:
             self._finish()
+        elif self._paced:
+            self._stop_polling()
 
     def _on_writable(self) -> None:
         if self._drain():
             if self._remaining == 0:
                 self._finish()
+            elif self._paced:
+                self._stop_polling()
             else:
                 self._want_read()
 

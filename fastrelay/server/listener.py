@@ -58,6 +58,7 @@ from ..core.deadlines import Deadline
 from ..core.errors import MintDisabled, ShuttingDown
 from ..core.heads import RequestHead, Route
 from ..core.observe import Metrics
+from ..core.pacing import lowest
 from ..core.phases import Phase
 from .connection import Answer, HttpConnection
 from .flow import BufferPool
@@ -146,6 +147,7 @@ class RelayServer:
         elif config.ticket_key_file:
             registry.keys = read_ticket_keys(config.ticket_key_file)
         self.registry = registry
+        registry.pacing.configure(config.max_rate, config.workspace_rate)
         self.timer: LoopTimer = self.registry.timer
         if ssl is None and config.tls:
             assert config.certfile is not None and config.keyfile is not None
@@ -637,19 +639,34 @@ class RelayServer:
     def answer_mint(self, head: RequestHead | None, body: bytes) -> Answer | Awaitable[Answer]:
         """The mint's answer; with a shared ledger, a coroutine that reserves
         the slot first."""
-        request = mint.parse_mint_request(body, max_ttl_s=self.config.max_ttl_s)
+        config = self.config
+        request = mint.parse_mint_request(
+            body, max_ttl_s=config.max_ttl_s, max_receivers=config.max_receivers
+        )
         ttl = float(request.ttl_seconds) if request.ttl_seconds > 0 else None
         args = (request.workspace_id, request.source_exe_id, request.dest_exe_id, ttl)
         host = head.header("host") if head else None
         if self.registry.shared is None:
-            minted = self.registry.mint_now(*args, request.max_bytes, resumable=request.resumable)
+            minted = self.registry.mint_now(
+                *args, request.max_bytes, **self._relay_options(request)
+            )
             return self._mint_answer(minted, request, host)
         return self._mint_later(args, request, host)
+
+    def _relay_options(self, request: mint.MintRequest) -> dict[str, Any]:
+        """The relay's v2 options; its rate is lowered to --max-rate (0 there
+        too: unlimited), and that is what the ticket carries and the answer says."""
+        options = request.options
+        return {
+            "resumable": options.resumable,
+            "receivers": options.receivers,
+            "max_rate": lowest(options.max_rate, self.config.max_rate),
+        }
 
     async def _mint_later(
         self, args: tuple[str, str, str, float | None], request: mint.MintRequest, host: str | None
     ) -> Answer:
-        minted = await self.registry.mint(*args, request.max_bytes, resumable=request.resumable)
+        minted = await self.registry.mint(*args, request.max_bytes, **self._relay_options(request))
         return self._mint_answer(minted, request, host)
 
     def _mint_answer(
@@ -658,7 +675,8 @@ class RelayServer:
         self.metrics.minted()  # fastrelay_mints_total{outcome="created"}
         expires = minted.expires_at.isoformat(timespec="microseconds").replace("+00:00", "Z")
         base = self.config.base_url(self.port, tls=self.ssl is not None, request_host=request_host)
-        body = mint.mint_response_body(minted.ticket, base, expires, request.echoed())
+        echoed = request.echoed(lowest(request.options.max_rate, self.config.max_rate))
+        body = mint.mint_response_body(minted.ticket, base, expires, echoed)
         return 201, "application/json", body
 
 

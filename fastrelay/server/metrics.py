@@ -146,6 +146,24 @@ class RelayCollector(Collector):
             "Connections of resumable relays taken over by a newer request for their side.",
             value=m.superseded,
         )
+        dropped = CounterMetricFamily(
+            "fastrelay_fanout_receivers_dropped",
+            "Fan-out receivers cut while the others went on, by why (idle, lost).",
+            labels=["why"],
+        )
+        for why, n in sorted(m.dropped_receivers.items()):
+            dropped.add_metric([why], n)
+        yield dropped
+        yield CounterMetricFamily(
+            "fastrelay_fanout_receiver_bytes",
+            "Payload bytes written to fan-out receivers (each receiver counts its own).",
+            value=m.receiver_bytes,
+        )
+        yield CounterMetricFamily(
+            "fastrelay_paced_seconds",
+            "Seconds uploads spent paused by pacing (max_rate, --max-rate, --workspace-rate).",
+            value=m.paced_s,
+        )
         yield CounterMetricFamily(
             "fastrelay_refused_connections",
             "Connections closed at once (--max-connections or draining).",

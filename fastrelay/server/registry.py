@@ -67,9 +67,11 @@ from ..core.errors import (
     UpstreamFailed,
 )
 from ..core.heads import RequestHead
+from ..core.mint import RelayOptions
 from ..core.resume import DEFAULT_MAX_RESUMES, ResumeRecord
 from ..core.session import Input, Outcome, RelaySession, State
 from ..core.tickets import new_ticket, ticket_key
+from .pacing import PacingBoard
 from .timer import LoopTimer
 
 DEFAULT_TTL_S = 300.0
@@ -138,8 +140,10 @@ class Relay:
         "get_party",
         "key",
         "max_bytes",
+        "max_rate",
         "max_resumes",
         "put_party",
+        "receivers",
         "record",
         "resumable",
         "session",
@@ -148,6 +152,7 @@ class Relay:
         "stream",
         "ticket",
         "ttl_s",
+        "waiting_receivers",
         "workspace_id",
     )
 
@@ -166,6 +171,8 @@ class Relay:
         signed: bool = False,
         resumable: bool = False,
         max_resumes: int = DEFAULT_MAX_RESUMES,
+        receivers: int = 1,
+        max_rate: int = 0,
     ) -> None:
         self._registry = registry
         self.ticket = ticket
@@ -199,6 +206,13 @@ class Relay:
         """Breaks survived so far (resumable)."""
         self.stream: Stream | None = None
         """The transfer while paired and streaming."""
+        self.receivers = receivers
+        """GETs that each receive the whole upload (fan-out when > 1)."""
+        self.max_rate = max_rate
+        """This relay's own pace in bytes/s (0: none of its own)."""
+        self.waiting_receivers: list[WaitingEnd] = []
+        """A fan-out relay's GETs waiting for the rest (``get_party`` is
+        not used when ``receivers > 1``); handed to the transfer at pairing."""
 
     # --- queries -------------------------------------------------------------------
 
@@ -234,6 +248,8 @@ class Relay:
         503 (draining), 413 (a Content-Length over ``max_bytes``); on a
         resumable relay also 411, 416 and 409 (`resume.py`).
         """
+        if side == "GET" and self.receivers > 1:
+            return self._claim_receiver(end)
         session = self.session
         if session.put_claimed if side == "PUT" else session.get_claimed:
             if not self.resumable:
@@ -278,9 +294,40 @@ class Relay:
             self._expiry.cancel()
             self._expiry = None
         partner = self.get_party if side == "PUT" else self.put_party
+        if self.receivers > 1 and side == "PUT":
+            partner = self.waiting_receivers[0]
         self.put_party = self.get_party = None
         assert partner is not None
         return partner
+
+    # --- fan-out: N GETs for one PUT --------------------------------------------
+
+    def _claim_receiver(self, end: WaitingEnd) -> WaitingEnd | None:
+        """One more GET of a fan-out relay. The GET side is claimed (for the
+        session) once all ``receivers`` are here; one more is a 423."""
+        waiting = self.waiting_receivers
+        if len(waiting) >= self.receivers or self.session.get_claimed:
+            raise SideAlreadyClaimed("GET")
+        self._registry.check_open()
+        waiting.append(end)
+        if len(waiting) < self.receivers:
+            return None
+        registry = self._registry
+        if self.session.handle(Input.GET_ARRIVES, registry.clock()) is not State.STREAMING:
+            return None
+        registry._paired_relay(self)
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        partner = self.put_party
+        self.put_party = None
+        assert partner is not None
+        return partner
+
+    def take_receivers(self) -> list[WaitingEnd]:
+        """A paired fan-out relay's GETs, in arrival order, for its transfer."""
+        taken, self.waiting_receivers = self.waiting_receivers, []
+        return taken
 
     # --- resumable relays: superseding, pairing again, breaks -----------------------
 
@@ -420,6 +467,13 @@ class Relay:
         elif self.get_party is end:
             self.get_party, side = None, "GET"
             self.session.handle(Input.GET_LEAVES, self._registry.clock())
+        elif end in self.waiting_receivers:
+            # A fan-out GET: its slot is free again; the GET side is no
+            # longer complete if it was.
+            if self.session.get_claimed:
+                self.session.handle(Input.GET_LEAVES, self._registry.clock())
+            self.waiting_receivers.remove(end)
+            return
         else:
             return
         if end.resume_at is not None:
@@ -446,7 +500,11 @@ class Relay:
         self.error = error
         registry._remove(self, was_paired)
         # Tell any side still waiting; which answer depends on why we ended.
-        for party, waiting_for in ((self.put_party, "GET"), (self.get_party, "PUT")):
+        parties = [(self.put_party, "GET"), (self.get_party, "PUT")]
+        # A fan-out GET waits for the PUT, or, with it here, for the others.
+        others = "PUT" if self.put_party is None else "GET"
+        parties.extend((end, others) for end in self.take_receivers())
+        for party, waiting_for in parties:
             if party is None:
                 continue
             if event is Input.DEADLINE:
@@ -503,6 +561,8 @@ class Registry:
         self._refresh: Deadline | None = None
         self._table: dict[str, Relay] = {}
         self._paired = 0
+        self.pacing = PacingBoard(self.timer, self.metrics)
+        """The rates of paced uploads (``--max-rate``, ``--workspace-rate``)."""
 
     @property
     def max_per_workspace(self) -> int:
@@ -519,6 +579,8 @@ class Registry:
         max_bytes: int = 0,
         *,
         resumable: bool = False,
+        receivers: int = 1,
+        max_rate: int = 0,
     ) -> Relay:
         """Mint a random ticket that this process serves. Call on the event
         loop that serves it.
@@ -526,12 +588,18 @@ class Registry:
         ``ttl`` None or <= 0 means the default; ``max_bytes`` <= 0 means no
         limit. Raises `WorkspaceCapReached`, `MintDisabled` (pending cap) or
         `ShuttingDown`. With a shared ledger use ``await mint(...)``.
+
+        v2 options: ``resumable`` (survives broken connections),
+        ``receivers`` (GETs that each get the whole upload, fan-out),
+        ``max_rate`` (bytes/s, 0: none of its own). `ValueError` if they
+        are out of range or combined as the contract does not allow.
         """
         if self.shared is not None:
             raise RuntimeError("this registry counts slots in a shared ledger: await mint()")
+        options = RelayOptions.checked(resumable, receivers, max_rate)
         ttl_s = self._check_mint(workspace_id, source_exe_id, dest_exe_id, ttl)
         relay = self._new_relay(
-            new_ticket(), workspace_id, source_exe_id, dest_exe_id, max_bytes, ttl_s, resumable
+            new_ticket(), workspace_id, source_exe_id, dest_exe_id, max_bytes, ttl_s, options
         )
         self.ledger.reserve(relay.key, workspace_id, relay.deadline, self.clock())
         self._add(relay)
@@ -549,19 +617,29 @@ class Registry:
         max_bytes: int = 0,
         *,
         resumable: bool = False,
+        receivers: int = 1,
+        max_rate: int = 0,
     ) -> Minted:
         """What the mint endpoint does, when no shared ledger is attached:
         a signed ticket with ``keys``, else a random one with its relay."""
         if self.keys is None:
             relay = self.create(
-                workspace_id, source_exe_id, dest_exe_id, ttl, max_bytes, resumable=resumable
+                workspace_id,
+                source_exe_id,
+                dest_exe_id,
+                ttl,
+                max_bytes,
+                resumable=resumable,
+                receivers=receivers,
+                max_rate=max_rate,
             )
             return Minted(relay.ticket, relay.expires_at, relay)
         if self.shared is not None:
             raise RuntimeError("this registry counts slots in a shared ledger: await mint()")
+        options = RelayOptions.checked(resumable, receivers, max_rate)
         ttl_s = self._check_mint(workspace_id, source_exe_id, dest_exe_id, ttl)
         ticket, claims, expires_at = self._sign(
-            workspace_id, source_exe_id, dest_exe_id, max_bytes, ttl_s, resumable
+            workspace_id, source_exe_id, dest_exe_id, max_bytes, ttl_s, options
         )
         now = self.clock()
         self.ledger.reserve(ticket_key(ticket), workspace_id, now + ttl_s, now)
@@ -577,24 +655,34 @@ class Registry:
         max_bytes: int = 0,
         *,
         resumable: bool = False,
+        receivers: int = 1,
+        max_rate: int = 0,
     ) -> Minted:
         """`mint_now`, counting the slot in the shared ledger when one is
         attached (raises `ClusterUnavailable` when it cannot be reached)."""
         shared = self.shared
         if shared is None:
             return self.mint_now(
-                workspace_id, source_exe_id, dest_exe_id, ttl, max_bytes, resumable=resumable
+                workspace_id,
+                source_exe_id,
+                dest_exe_id,
+                ttl,
+                max_bytes,
+                resumable=resumable,
+                receivers=receivers,
+                max_rate=max_rate,
             )
+        options = RelayOptions.checked(resumable, receivers, max_rate)
         ttl_s = self._check_mint(workspace_id, source_exe_id, dest_exe_id, ttl, local_caps=False)
         if self.keys is not None:
             ticket, claims, expires_at = self._sign(
-                workspace_id, source_exe_id, dest_exe_id, max_bytes, ttl_s, resumable
+                workspace_id, source_exe_id, dest_exe_id, max_bytes, ttl_s, options
             )
             await shared.reserve(ticket_key(ticket), workspace_id, claims.expires_ms)
             observe.log_created(_Signed(ticket, claims), ttl_s, claims.max_bytes)
             return Minted(ticket, expires_at, None)
         relay = self._new_relay(
-            new_ticket(), workspace_id, source_exe_id, dest_exe_id, max_bytes, ttl_s, resumable
+            new_ticket(), workspace_id, source_exe_id, dest_exe_id, max_bytes, ttl_s, options
         )
         await shared.reserve(relay.key, workspace_id, _unix_ms(relay.expires_at))
         try:
@@ -633,7 +721,7 @@ class Registry:
         dest_exe_id: str,
         max_bytes: int,
         ttl_s: float,
-        resumable: bool,
+        options: RelayOptions,
     ) -> tuple[str, TicketClaims, datetime.datetime]:
         assert self.keys is not None
         # A signed ticket's expiry is whole milliseconds: expires_at says
@@ -645,7 +733,9 @@ class Registry:
             dest_exe_id,
             max_bytes=max_bytes,
             expires_ms=expires_ms,
-            resumable=resumable,
+            resumable=options.resumable,
+            receivers=options.receivers,
+            max_rate=options.max_rate,
             ttl_ms=math.ceil(ttl_s * 1000),
         )
         return self.keys.sign(claims), claims, _from_unix_ms(expires_ms)
@@ -658,7 +748,7 @@ class Registry:
         dest_exe_id: str,
         max_bytes: int,
         ttl_s: float,
-        resumable: bool = False,
+        options: RelayOptions,
     ) -> Relay:
         now = self.clock()
         return Relay(
@@ -671,8 +761,10 @@ class Registry:
             now,
             now + ttl_s,
             self.wall_clock() + datetime.timedelta(seconds=ttl_s),
-            resumable=resumable,
+            resumable=options.resumable,
             max_resumes=self.max_resumes,
+            receivers=options.receivers,
+            max_rate=options.max_rate,
         )
 
     def _add(self, relay: Relay) -> None:
@@ -735,6 +827,8 @@ class Registry:
             signed=True,
             resumable=claims.resumable,
             max_resumes=self.max_resumes,
+            receivers=claims.receivers,
+            max_rate=claims.max_rate,
         )
         if claims.resumable and claims.ttl_ms:
             relay.ttl_s = claims.ttl_ms / 1000  # the pairing window after a break

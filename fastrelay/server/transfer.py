@@ -52,6 +52,12 @@ waits until the destination's TCP acknowledged the last byte (its socket's
 send queue is empty, ``SIOCOUTQ``), so a break inside the last socket
 buffer's worth stays resumable.
 
+Paced relays (`pacing.Pacer`, when the relay has a rate): each upload read
+takes at most what the pacer allows (`upload_buffer` hands out a shorter
+view of the buffer), and after each read the pacer may hold the upload's
+gate (`flow.PACING`, separate from backpressure's `flow.FLOW`) until its one
+timer says go on. The splice(2) path asks the same pacer per call.
+
 Endings: every way out goes through `_succeed`, `_fail` or `_break`, which
 call `Relay.finish` (or `Relay.broke`) exactly once and then tell both ends. A failed transfer is
 made visible to the receiver by its connection (`TransferEnd.transfer_ended`
@@ -95,9 +101,10 @@ from ..core.heads import (
 )
 from ..core.resume import copied_headers
 from ..core.session import Input
-from .flow import BufferPool, ReadGate
+from .flow import FLOW, PACING, BufferPool, ReadGate
 from .kernel_splice import AVAILABLE as KERNEL_SPLICE_AVAILABLE
 from .kernel_splice import KernelPipe, dup_transport_socket
+from .pacing import Pacer
 from .registry import WaitingEnd
 from .timer import LoopTimer
 
@@ -165,6 +172,7 @@ class Transfer:
         "_kernel",
         "_kernel_pending",
         "_last_progress",
+        "_pacer",
         "_payload_at_start",
         "_pinned",
         "_reframe",
@@ -198,6 +206,7 @@ class Transfer:
         timer: LoopTimer,
         config: RelayConfig,
         resumed: Resumed | None = None,
+        pacer: Pacer | None = None,
     ) -> None:
         self.relay = relay
         self.up = up
@@ -233,6 +242,9 @@ class Transfer:
         self._draining_tail = False
         self._last_progress = timer.clock()
         self._deadline: Deadline | None = None
+        self._pacer = pacer
+        if pacer is not None:
+            pacer.on_ready = self._pace_ready
         # TLS transports copy (encrypt) inside write(); plain TCP ones pin.
         self.pins_buffers = self.down_transport.get_extra_info("sslcontext") is None
         up_plain = self.up_transport.get_extra_info("sslcontext") is None
@@ -303,6 +315,7 @@ class Transfer:
         self._arm_idle()
         if body_prefix:
             self._forward(memoryview(body_prefix))
+            self._paced(len(body_prefix))
         if not self._finished:
             self._send()  # the head alone, if no payload took it along
         if not body_prefix and self._framer.done:
@@ -338,6 +351,7 @@ class Transfer:
             self._succeed,
             self._kernel_src_error,
             self._kernel_dst_error,
+            self._pacer,
         )
         self._kernel.start()
 
@@ -357,10 +371,15 @@ class Transfer:
     # --- upload side (called by the upload connection) ----------------------------
 
     def upload_buffer(self) -> memoryview:
-        """The buffer for the next upload read. Never one that is pinned."""
+        """The buffer for the next upload read. Never one that is pinned; on
+        a paced relay, no longer than the pacer allows (a prefix of it)."""
         buf = self._buf
         if buf is None:
             buf = self._buf = self.pool.acquire()
+        if self._pacer is not None:
+            allowed = self._pacer.allowance()
+            if allowed < len(buf):
+                return buf[: max(1, allowed)]
         return buf
 
     def upload_received(self, nbytes: int) -> None:
@@ -368,6 +387,8 @@ class Transfer:
         assert buf is not None
         self._last_progress = self._timer.clock()
         self._forward(buf[:nbytes])
+        if self._pacer is not None:
+            self._paced(nbytes)
         if (
             self.pins_buffers
             and self._buf is not None
@@ -515,6 +536,22 @@ class Transfer:
         if self._draining_tail and self._resumed is not None and not self._finished:
             self._check_acked()
 
+    def _paced(self, nbytes: int) -> None:
+        """A paced relay read ``nbytes``: hold the upload if the pacer says."""
+        pacer = self._pacer
+        if pacer is not None and not self._finished and pacer.spent(nbytes):
+            self.up_gate.pause(PACING)
+
+    def _pace_ready(self) -> None:
+        """The pacer's pause is over (its timer)."""
+        if self._finished:
+            return
+        self._last_progress = self._timer.clock()
+        if self._kernel is not None:
+            self._kernel.pace_ready()
+        else:
+            self.up_gate.resume(PACING)
+
     # --- download side (called by the download connection) ------------------------
 
     def download_paused(self) -> None:
@@ -583,12 +620,16 @@ class Transfer:
         self._deadline = None
         if self._finished:
             return
+        pacer = self._pacer
+        if pacer is not None and pacer.paused:
+            # Held by pacing, not stalled (a debt can outlast the timeout).
+            self._last_progress = self._timer.clock()
         if self._timer.clock() - self._last_progress >= self.idle_timeout_s:
             # A resumable relay: the stalled side (the destination when it
             # holds us paused or has not acked the tail, else the source)
             # broke; the other waits for its return.
             stalled: Literal["PUT", "GET"] = (
-                "GET" if self._draining_tail or self.up_gate.paused else "PUT"
+                "GET" if self._draining_tail or self.up_gate.held(FLOW) else "PUT"
             )
             if self._break(stalled, "idle timeout"):
                 if stalled == "PUT":
@@ -649,6 +690,8 @@ class Transfer:
 
     def _end(self) -> None:
         self._finished = True
+        if self._pacer is not None:
+            self._pacer.close()
         if self._tail_sock is not None:
             self._tail_sock.close()
             self._tail_sock = None

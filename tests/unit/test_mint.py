@@ -322,3 +322,61 @@ def test_fuzz_arbitrary_json(doc: object) -> None:
 @given(MINT_DOCS, st.booleans())
 def test_fuzz_mint_shaped_documents(doc: dict[str, object], ascii_only: bool) -> None:
     assert_parses_or_400(json.dumps(doc, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass"))
+
+
+# --- v2 options: resumable, receivers, max_rate ---------------------------------------
+
+from fastrelay.core.mint import RelayOptions  # noqa: E402
+
+_IDS = {"workspace_id": "w", "source_exe_id": "s", "dest_exe_id": "d"}
+
+
+def _v2(**fields: Any) -> bytes:
+    return json.dumps({**_IDS, **fields}).encode()
+
+
+def test_v2_fields_default_and_are_echoed_only_when_named() -> None:
+    plain = parse_mint_request(_v2())
+    assert plain.options == RelayOptions() and plain.echoed() == {}
+    named = parse_mint_request(_v2(receivers=3))
+    assert named.options == RelayOptions(False, 3, 0)
+    assert named.echoed() == {"resumable": False, "receivers": 3, "max_rate": 0}
+    # The server's --max-rate lowers what is echoed.
+    assert parse_mint_request(_v2(max_rate=10)).echoed(5)["max_rate"] == 5
+    assert parse_mint_request(_v2(receivers=None, max_rate=None)).options == RelayOptions()
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"receivers": 0}, "receivers must be a whole number from 1 to 16"),
+        ({"receivers": 17}, "receivers must be a whole number from 1 to 16"),
+        ({"receivers": "3"}, "receivers must be a whole number from 1 to 16"),
+        ({"receivers": 2.5}, "receivers must be a whole number from 1 to 16"),
+        ({"receivers": True}, "receivers must be a whole number from 1 to 16"),
+        ({"max_rate": -1}, "max_rate must be a whole number of bytes per second, 0 or more"),
+        ({"max_rate": 1.5}, "max_rate must be a whole number of bytes per second, 0 or more"),
+        ({"max_rate": "1M"}, "max_rate must be a whole number of bytes per second, 0 or more"),
+        ({"max_rate": 2**63}, "max_rate must be a whole number of bytes per second, 0 or more"),
+        ({"resumable": "yes"}, "resumable must be true or false"),
+        ({"resumable": True, "receivers": 2}, "resumable and receivers > 1 cannot be combined"),
+    ],
+)
+def test_v2_fields_out_of_range_name_the_field(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidField) as info:
+        parse_mint_request(_v2(**fields))
+    assert info.value.message == message
+    assert json.loads(info.value.body()) == {"error": message}
+
+
+def test_max_receivers_is_the_servers() -> None:
+    assert parse_mint_request(_v2(receivers=64), max_receivers=64).options.receivers == 64
+    with pytest.raises(InvalidField, match="from 1 to 4"):
+        parse_mint_request(_v2(receivers=5), max_receivers=4)
+
+
+def test_relay_options_checked_for_the_library_api() -> None:
+    assert RelayOptions.checked(False, 4, 100) == RelayOptions(False, 4, 100)
+    for args in ((False, 0, 0), (False, 2000, 0), (False, 2, -1), (True, 2, 0), (False, True, 0)):
+        with pytest.raises(ValueError):
+            RelayOptions.checked(*args)  # type: ignore[arg-type]
