@@ -30,10 +30,13 @@ every byte: ``200`` with ``"delivered": N``, or ``502`` "k of N receivers
 failed" (`errors.ReceiversFailed`); with none left the transfer ends at
 once.
 
-Why not ``tee(2)``: bench/tee_probe.py measured the kernel path
-(``splice`` into one pipe, ``tee`` into one pipe per receiver) against
-this buffered path; see the README's fan-out section for the figures and
-the choice.
+The kernel path: a plain-TCP Content-Length upload of at least
+``kernel_splice_min_bytes`` to plain-TCP receivers leaves Python
+(`kernel_splice.KernelTee`: ``splice`` into an intake pipe, ``tee`` into one
+pipe per receiver, ``splice`` out), handed over as in `transfer.py` once the
+upload is paused and every receiver's transport is empty. bench/tee_probe.py
+measured it against this buffered path (README, "Fan-out"): it wins at
+every N, so it is used wherever it can be.
 
 Pacing (`pacing.Pacer`) applies to the one upload, as in `transfer.py`.
 """
@@ -63,6 +66,7 @@ from ..core.observe import Metrics
 from ..core.resume import copied_headers
 from ..core.session import Input
 from .flow import FLOW, PACING, BufferPool
+from .kernel_splice import TEE_AVAILABLE, KernelTee, dup_transport_socket
 from .pacing import Pacer
 from .timer import LoopTimer
 
@@ -88,6 +92,7 @@ class Receiver:
         "paused",
         "pins",
         "reframe",
+        "slot",
         "transport",
     )
 
@@ -109,6 +114,8 @@ class Receiver:
         self.paused = False
         self.gone = False
         self.last_progress = 0.0
+        self.slot = -1
+        """Its index in the kernel path's receivers (-1: not on it)."""
 
     @property
     def relay(self) -> Relay:
@@ -162,6 +169,8 @@ class FanOut:
         "_finished",
         "_framer",
         "_hasher",
+        "_kernel",
+        "_kernel_pending",
         "_last_upload",
         "_metrics",
         "_pacer",
@@ -229,6 +238,18 @@ class FanOut:
         self._pacer = pacer
         if pacer is not None:
             pacer.on_ready = self._pace_ready
+        self._kernel: KernelTee | None = None
+        remaining = self._framer.remaining
+        # splice(2)+tee(2) need plain sockets everywhere and a known length.
+        self._kernel_pending = (
+            TEE_AVAILABLE
+            and self._hasher is None
+            and config.kernel_splice_min_bytes > 0
+            and all(receiver.pins for receiver in self.receivers)
+            and up.transport.get_extra_info("sslcontext") is None
+            and remaining is not None
+            and remaining >= config.kernel_splice_min_bytes
+        )
 
     @property
     def forwarded(self) -> int:
@@ -260,8 +281,77 @@ class FanOut:
             self._upload_complete()
         if self._finished or self._draining_tail:
             return
+        if self._kernel_pending:
+            # The upload stays paused from here on (kernel_splice.py, steps 1-4).
+            self.up_gate.pause(FLOW)
+            if not self._receivers_hold_bytes():
+                self._engage_kernel()
+            return  # else receiver_resumed engages once every transport is empty
         if not any(receiver.paused for receiver in self.live):
             self._resume_upload()
+
+    def _receivers_hold_bytes(self) -> bool:
+        return any(r.transport.get_write_buffer_size() for r in self.live)
+
+    def _engage_kernel(self) -> None:
+        self._kernel_pending = False
+        up_sock = dup_transport_socket(self.up_transport)
+        socks = [dup_transport_socket(r.transport) for r in self.live]
+        remaining = self._framer.remaining
+        if up_sock is None or None in socks or remaining is None:
+            for sock in (up_sock, *socks):
+                if sock is not None:
+                    sock.close()
+            self._resume_upload()  # fall back to the buffered path
+            return
+        for slot, receiver in enumerate(self.live):
+            receiver.slot = slot
+        self._kernel = KernelTee(
+            up_sock,
+            [sock for sock in socks if sock is not None],
+            remaining,
+            self._kernel_read,
+            self._kernel_sent,
+            self._succeed,
+            self._kernel_src_error,
+            self._kernel_dst_error,
+            self._pacer,
+        )
+        self._kernel.start()
+
+    def _kernel_read(self, nbytes: int) -> None:
+        now = self._timer.clock()
+        self._last_upload = now
+        self._framer.skip_known_length(nbytes)
+        for receiver in self.live:
+            receiver.last_progress = now  # a new batch: each has the idle timeout to take it
+
+    def _kernel_sent(self, slot: int, nbytes: int) -> None:
+        for receiver in self.live:
+            if receiver.slot == slot:
+                receiver.delivered += nbytes
+                receiver.last_progress = self._timer.clock()
+                self._metrics.receiver_bytes += nbytes
+                return
+
+    def _kernel_src_error(self, exc: OSError | None) -> None:
+        if exc is None:
+            self.upload_eof()
+        else:
+            self.upload_lost(exc)
+
+    def _kernel_dst_error(self, slot: int, exc: OSError) -> None:
+        for receiver in self.live:
+            if receiver.slot == slot:
+                self.drop(receiver, f"connection lost: {exc}", "lost")
+                return
+
+    def _lagging(self, receiver: Receiver) -> bool:
+        """The receiver holds the upload back (bytes it has not taken)."""
+        kernel = self._kernel
+        if kernel is not None and receiver.slot >= 0:
+            return kernel.pending(receiver.slot) > 0
+        return receiver.paused
 
     # --- the upload ------------------------------------------------------------------
 
@@ -391,8 +481,12 @@ class FanOut:
             self.up_gate.pause(PACING)
 
     def _pace_ready(self) -> None:
-        if not self._finished:
-            self._last_upload = self._timer.clock()
+        if self._finished:
+            return
+        self._last_upload = self._timer.clock()
+        if self._kernel is not None:
+            self._kernel.pace_ready()
+        else:
             self.up_gate.resume(PACING)
 
     # Never called on the source (its connection is not DOWNLOADING); here
@@ -425,10 +519,13 @@ class FanOut:
         receiver.paused = False
         receiver.last_progress = self._timer.clock()
         self._release_pinned()
-        if self._finished:
+        if self._finished or self._kernel is not None:
             return
         if self._draining_tail:
             self._check_tail()
+        elif self._kernel_pending:
+            if not self._receivers_hold_bytes():
+                self._engage_kernel()
         elif not any(r.paused for r in self.live):
             self._resume_upload()
 
@@ -452,6 +549,12 @@ class FanOut:
         receiver.gone = True
         receiver.paused = False
         self.live.remove(receiver)
+        # The upload may have been held by this one: its idle clock starts now.
+        self._last_upload = self._timer.clock()
+        if self._kernel is not None and receiver.slot >= 0:
+            # Its dup'd socket goes first: only then does the reset below
+            # really end its connection.
+            self._kernel.drop(receiver.slot)
         self._metrics.dropped_receivers[kind] += 1
         observe.log_dropped(
             self.relay, receiver.index, len(self.receivers), receiver.delivered, why
@@ -463,8 +566,13 @@ class FanOut:
         if not self.live:
             failed = ReceiversFailed(len(self.receivers), len(self.receivers), self.forwarded)
             self._fail(Input.DOWNLOAD_ABORTED, failed)
+        elif self._kernel is not None:
+            pass  # the kernel path goes on with the others
         elif self._draining_tail:
             self._check_tail()
+        elif self._kernel_pending:
+            if not self._receivers_hold_bytes():
+                self._engage_kernel()
         elif not any(r.paused for r in self.live):
             self._resume_upload()
 
@@ -478,7 +586,7 @@ class FanOut:
     # --- idle detection --------------------------------------------------------------
 
     def _arm_idle(self) -> None:
-        paused = [r.last_progress for r in self.live if r.paused]
+        paused = [r.last_progress for r in self.live if self._lagging(r)]
         since = min(paused) if paused else self._last_upload
         self._deadline = self._timer.at(since + self.idle_timeout_s, self._idle_check)
 
@@ -488,13 +596,13 @@ class FanOut:
             return
         now = self._timer.clock()
         for receiver in tuple(self.live):
-            if receiver.paused and now - receiver.last_progress >= self.idle_timeout_s:
+            if self._lagging(receiver) and now - receiver.last_progress >= self.idle_timeout_s:
                 self.drop(receiver, "idle timeout", "idle")
         if not self.live:
             return  # the last one went: the transfer has failed
         if self._pacer is not None and self._pacer.paused:
             self._last_upload = now  # held by pacing, not stalled
-        holding = self._draining_tail or any(r.paused for r in self.live)
+        holding = self._draining_tail or any(self._lagging(r) for r in self.live)
         if not holding and now - self._last_upload >= self.idle_timeout_s:
             self._fail(
                 Input.IDLE_TIMEOUT,
@@ -510,6 +618,10 @@ class FanOut:
 
     def _end(self) -> None:
         self._finished = True
+        if self._kernel is not None:
+            # The dup'd sockets go first: only then do the transports own
+            # the connections again (and a reset really ends them).
+            self._kernel.close()
         if self._pacer is not None:
             self._pacer.close()
         self.relay.bytes = self.forwarded

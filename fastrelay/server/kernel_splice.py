@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import fcntl
 import os
 import socket
@@ -248,3 +250,278 @@ class KernelPipe:
     def _finish(self) -> None:
         self.close()
         self._on_done()
+
+
+# --- fan-out: splice(2) + tee(2) -------------------------------------------------------
+#
+# Python's os module has splice but no tee: it is called from libc through
+# ctypes (one foreign call per receiver per batch of up to PIPE_BYTES, never
+# per byte). Where libc has no tee the fan-out stays on the buffered path.
+
+
+def _load_tee() -> Callable[[int, int, int, int], int] | None:
+    if not AVAILABLE:
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fn = libc.tee
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_size_t, ctypes.c_uint)
+    fn.restype = ctypes.c_ssize_t
+    return fn
+
+
+_libc_tee = _load_tee()
+TEE_AVAILABLE = _libc_tee is not None
+_NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 2)
+
+
+def tee(fd_in: int, fd_out: int, count: int) -> int:
+    """tee(2), non-blocking: duplicate up to ``count`` bytes at the head of
+    pipe ``fd_in`` into pipe ``fd_out`` without consuming them."""
+    assert _libc_tee is not None
+    n = _libc_tee(fd_in, fd_out, count, _NONBLOCK)
+    if n < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))  # EAGAIN: a BlockingIOError
+    return n
+
+
+class KernelTee:
+    """Moves exactly ``length`` bytes from ``src`` to every one of ``dsts``.
+
+    One batch at a time: ``splice`` up to a pipe's worth from ``src`` into
+    the intake pipe, ``tee`` it into the pipe of every live receiver but
+    the last and ``splice`` (move) it into the last one's, then ``splice``
+    each receiver's pipe into its socket as the socket takes it. The next
+    batch is read once every receiver's pipe is empty: the slowest
+    receiver sets the pace, and memory is one batch of pages, shared by
+    all pipes (tee copies page references, not bytes).
+
+    Calls ``on_read(n)`` as bytes leave ``src``, ``on_sent(i, n)`` as they
+    reach ``dsts[i]``, ``on_dst_error(i, exc)`` when receiver ``i`` fails
+    (the owner then calls `drop`), and at the end exactly one of
+    ``on_done()`` or ``on_src_error(exc | None)`` (EOF or reset).
+    """
+
+    __slots__ = (
+        "_batch",
+        "_closed",
+        "_in_r",
+        "_in_w",
+        "_live",
+        "_loop",
+        "_on_done",
+        "_on_dst_error",
+        "_on_read",
+        "_on_sent",
+        "_on_src_error",
+        "_paced",
+        "_pacer",
+        "_pending",
+        "_pipes",
+        "_reading",
+        "_remaining",
+        "_writing",
+        "dsts",
+        "src",
+    )
+
+    def __init__(
+        self,
+        src: socket.socket,
+        dsts: list[socket.socket],
+        length: int,
+        on_read: Callable[[int], None],
+        on_sent: Callable[[int, int], None],
+        on_done: Callable[[], None],
+        on_src_error: Callable[[OSError | None], None],
+        on_dst_error: Callable[[int, OSError], None],
+        pacer: Pacer | None = None,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.src = src
+        self.dsts = dsts
+        self._remaining = length
+        self._on_read = on_read
+        self._on_sent = on_sent
+        self._on_done = on_done
+        self._on_src_error = on_src_error
+        self._on_dst_error = on_dst_error
+        self._pacer = pacer
+        self._paced = False
+        self._closed = False
+        self._reading = False
+        self._writing: set[int] = set()
+        self._live = list(range(len(dsts)))
+        self._pending = [0] * len(dsts)
+        self._in_r, self._in_w = _sized_pipe()
+        self._pipes = [_sized_pipe() for _ in dsts]
+        # tee(2) must take a whole batch into an empty pipe: every pipe gets
+        # the size the intake got, or the batch is the smallest of them.
+        self._batch = min(
+            fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) for fd in (self._in_w, *(w for _, w in self._pipes))
+        )
+
+    def start(self) -> None:
+        self._want_read()
+
+    def pending(self, index: int) -> int:
+        """Bytes of the current batch receiver ``index`` has not taken yet."""
+        return self._pending[index]
+
+    def drop(self, index: int) -> None:
+        """Receiver ``index`` is out: close its pipe and socket; the others
+        go on (its share of the batch no longer holds the next read)."""
+        if self._closed or index not in self._live:
+            return
+        self._live.remove(index)
+        if index in self._writing:
+            self._writing.discard(index)
+            self._loop.remove_writer(self.dsts[index].fileno())
+        self._pending[index] = 0
+        r, w = self._pipes[index]
+        os.close(r)
+        os.close(w)
+        self.dsts[index].close()
+        if self._live and not self._writing:
+            self._batch_done()
+
+    def pace_ready(self) -> None:
+        """The pacer's pause is over: read again once the batch is out."""
+        self._paced = False
+        if not self._closed and not self._writing and not self._reading:
+            self._batch_done()
+
+    def close(self) -> None:
+        """Stop polling; close every pipe and dup'd socket. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._reading:
+            self._loop.remove_reader(self.src.fileno())
+            self._reading = False
+        for index in self._writing:
+            self._loop.remove_writer(self.dsts[index].fileno())
+        self._writing.clear()
+        os.close(self._in_r)
+        os.close(self._in_w)
+        for index in self._live:
+            r, w = self._pipes[index]
+            os.close(r)
+            os.close(w)
+            self.dsts[index].close()
+        self._live.clear()
+        self.src.close()
+
+    def _want_read(self) -> None:
+        if not self._reading:
+            self._loop.add_reader(self.src.fileno(), self._on_readable)
+            self._reading = True
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._loop.remove_reader(self.src.fileno())
+            self._reading = False
+
+    def _on_readable(self) -> None:
+        want = min(self._remaining, self._batch)
+        pacer = self._pacer
+        if pacer is not None:
+            want = min(want, pacer.allowance())
+            if want <= 0:
+                pacer.spent(0)  # in debt: its timer says when (pace_ready)
+                self._paced = True
+                self._stop_reading()
+                return
+        try:
+            n = os.splice(self.src.fileno(), self._in_w, want, flags=_FLAGS)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._fail_src(exc)
+            return
+        if n == 0:  # EOF before Content-Length: the upload was cut
+            self._fail_src(None)
+            return
+        self._remaining -= n
+        self._stop_reading()
+        self._on_read(n)
+        if pacer is not None and pacer.spent(n):
+            self._paced = True
+        if self._closed:
+            return
+        self._distribute(n)
+
+    def _distribute(self, n: int) -> None:
+        """The batch of ``n`` bytes in the intake goes to every live pipe."""
+        live = self._live
+        for index in live[:-1]:
+            if tee(self._in_r, self._pipes[index][1], n) != n:
+                raise OSError("tee(2) took part of a batch into an empty pipe")
+            self._pending[index] = n
+        last = live[-1]
+        moved = 0
+        while moved < n:  # the intake pipe is empty again after this
+            moved += os.splice(self._in_r, self._pipes[last][1], n - moved, flags=_FLAGS)
+        self._pending[last] = n
+        for index in tuple(live):
+            if index in self._live:
+                self._drain(index)
+        if not self._closed and not self._writing:
+            self._batch_done()
+
+    def _drain(self, index: int) -> None:
+        """Move receiver ``index``'s pipe into its socket as far as it takes."""
+        fd = self.dsts[index].fileno()
+        pipe_r = self._pipes[index][0]
+        while self._pending[index]:
+            try:
+                n = os.splice(pipe_r, fd, self._pending[index], flags=_FLAGS)
+            except BlockingIOError:
+                if index not in self._writing:
+                    self._writing.add(index)
+                    self._loop.add_writer(fd, self._on_writable, index)
+                return
+            except OSError as exc:
+                self._on_dst_error(index, exc)  # the owner drops it
+                return
+            self._pending[index] -= n
+            self._on_sent(index, n)
+            if self._closed or index not in self._live:
+                return
+        if index in self._writing:
+            self._writing.discard(index)
+            self._loop.remove_writer(fd)
+
+    def _on_writable(self, index: int) -> None:
+        if self._closed or index not in self._live:
+            return
+        self._drain(index)
+        if not self._closed and not self._writing:
+            self._batch_done()
+
+    def _batch_done(self) -> None:
+        """Every live receiver has the batch: the next one, or the end."""
+        if self._closed:
+            return
+        if self._remaining == 0:
+            self._finish()
+        elif not self._paced:
+            self._want_read()
+
+    def _fail_src(self, exc: OSError | None) -> None:
+        self.close()
+        self._on_src_error(exc)
+
+    def _finish(self) -> None:
+        self.close()
+        self._on_done()
+
+
+def _sized_pipe() -> tuple[int, int]:
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    with contextlib.suppress(OSError):  # keep the default size if refused
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+    return r, w

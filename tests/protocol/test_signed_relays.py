@@ -93,6 +93,35 @@ def test_a_ticket_minted_on_one_node_is_served_by_another() -> None:
     asyncio.run(main())
 
 
+def test_a_signed_fan_out_paced_ticket_carries_its_options_to_another_node() -> None:
+    async def main() -> None:
+        clocks = Clocks()
+        a = make_server(node(clocks), max_rate=1000)
+        b = make_server(node(clocks))
+        conn, t = connect(a)
+        t.feed(mint_request({**MINT, "receivers": 2, "max_rate": 5000}))
+        assert status(t.data) == 201
+        answer = json.loads(t.data.split(b"\r\n\r\n", 1)[1])
+        # Lowered to node a's --max-rate at mint: the ticket carries 1000.
+        assert (answer["receivers"], answer["max_rate"], answer["resumable"]) == (2, 1000, False)
+        ticket = answer["ticket"]
+        first, ft = connect(b)
+        ft.feed(get_head(ticket))
+        relay = b.registry.lookup(ticket)
+        assert relay is not None and (relay.receivers, relay.max_rate) == (2, 1000)
+        second, st = connect(b)
+        st.feed(get_head(ticket))
+        put, pt = connect(b)
+        pt.feed(put_head(ticket, 5) + b"hello")
+        assert relay.outcome is Outcome.OK
+        assert ft.data.endswith(b"hello") and st.data.endswith(b"hello")
+        third, tt = connect(b)
+        tt.feed(get_head(ticket))
+        assert status(tt.data) == 410
+
+    asyncio.run(main())
+
+
 def test_expired_forged_and_foreign_tickets_get_410() -> None:
     async def main() -> None:
         clocks = Clocks()
