@@ -18,11 +18,15 @@ window are then at most the tokens at its start (``<= capacity``) plus
 arrived while the PUT waited, read before pacing could cap it) leaves a
 debt that the next pause pays back, so the average holds.
 
-Why pause until ``wake`` tokens, not one: each pause costs a timer and a
-``pause_reading``/``resume_reading`` pair, so a pause should buy a good
-batch of bytes (about 1/8 s of rate, at least 32 KiB), which keeps a paced
-relay's CPU per byte at an unpaced one's. Tiny rates wake every half
-second rather than after 32 KiB, so a slow relay still trickles.
+Why pause until the bucket is full again, not until one token is back:
+each pause costs a timer, a ``pause_reading``/``resume_reading`` pair and
+wake-ups of both processes, a fixed cost that a small batch would turn into
+a large cost per byte (bench/pacing.py measured 2-9x an unpaced relay's CPU
+per GiB with batches of 1/8 s of rate). So the bucket holds half a second
+of rate (within the contract's burst of one second) and a pause lasts until
+it is full: about two pauses a second at any rate, each moving half a
+second's bytes at full speed. Tiny rates (under 128 KiB/s) keep a 64 KiB
+bucket but still wake every half second, so a slow relay trickles.
 
 `share` splits a workspace's rate among its active relays (``--workspace-rate``):
 evenly, except that a relay whose own rate is lower keeps its own and what
@@ -37,7 +41,6 @@ import re
 KIB = 1024
 
 MIN_CAPACITY = 64 * KIB
-MAX_CAPACITY = 8 * 1024 * KIB
 MIN_READ = 16 * KIB
 """Reading goes on while at least this many tokens (or ``wake``, if smaller)
 are left: fewer would mean many tiny reads."""
@@ -100,10 +103,9 @@ def share(total: int, own: list[int]) -> list[int]:
 
 
 def capacity_for(rate: int) -> int:
-    """The bucket's size: a quarter second of rate, at least 64 KiB (so a
-    pause buys a real batch) and at most 8 MiB; always within the burst the
-    contract allows, max(1 s of rate, 256 KiB)."""
-    return min(MAX_CAPACITY, max(MIN_CAPACITY, rate // 4))
+    """The bucket's size: half a second of rate, at least 64 KiB; always
+    within the burst the contract allows, max(1 s of rate, 256 KiB)."""
+    return max(MIN_CAPACITY, rate // 2)
 
 
 class TokenBucket:
@@ -117,8 +119,8 @@ class TokenBucket:
         self.rate = 0
         self.capacity = self.wake = self.low = 0
         self.set_rate(rate, now)
-        # Start half full: the body that arrived while the PUT waited may
-        # be spent at once without a burst past the contract's.
+        # Start at the wake mark (full, but for tiny rates): the body that
+        # arrived while the PUT waited is spent from it, or is a debt.
         self.tokens = float(self.wake)
 
     def set_rate(self, rate: int, now: float) -> None:
@@ -128,10 +130,8 @@ class TokenBucket:
         self._refill(now)
         self.rate = rate
         self.capacity = capacity_for(rate)
-        # Wake with about 1/8 s of rate, but at least 32 KiB (or half a
-        # second of rate, for tiny rates), and at most half the bucket.
-        floor = min(32 * KIB, rate // 2)
-        self.wake = max(1, min(self.capacity // 2, max(rate // 8, floor)))
+        # Wake with a full bucket, or with half a second of a tiny rate.
+        self.wake = max(1, min(self.capacity, rate // 2))
         self.low = min(self.wake, MIN_READ)
         self.tokens = min(self.tokens, float(self.capacity))
 

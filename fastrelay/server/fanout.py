@@ -443,7 +443,7 @@ class FanOut:
         transport = receiver.transport
         if transport.is_closing():
             # Gone, and its protocol has not heard yet (transfer.py `_send`).
-            self.drop(receiver, "connection lost", "lost")
+            self.drop(receiver, "connection lost: connection closed by peer", "lost")
             return False
         head = receiver.head
         if head is not None:

@@ -7,7 +7,6 @@ import pytest
 
 from fastrelay.core.observe import Metrics
 from fastrelay.core.pacing import (
-    MAX_CAPACITY,
     MIN_CAPACITY,
     TokenBucket,
     capacity_for,
@@ -113,7 +112,7 @@ def test_share_never_exceeds_total_when_it_can_hold() -> None:
 @pytest.mark.parametrize("rate", [1, 100, 64 * KIB, MIB, 32 * MIB, 10 * 1024 * MIB])
 def test_capacity_within_the_contracts_burst(rate: int) -> None:
     capacity = capacity_for(rate)
-    assert MIN_CAPACITY <= capacity <= MAX_CAPACITY
+    assert capacity >= MIN_CAPACITY
     assert capacity <= max(rate, 256 * KIB)
 
 
@@ -160,12 +159,19 @@ def test_bucket_keeps_the_contract(rate: int, read_size: int) -> None:
     assert total >= 0.9 * rate * seconds
 
 
-@pytest.mark.parametrize("rate", [10 * KIB, MIB, 100 * MIB])
-def test_a_pause_buys_a_batch(rate: int) -> None:
-    """Pauses (timers) per second stay few, so pacing costs no CPU per byte."""
-    sent = simulate(rate, 10.0, 256 * KIB)
-    pauses = len(sent)  # an upper bound: every read at most one pause
-    assert pauses / 10.0 <= max(8 * 4, rate / (32 * KIB) * 2)
+@pytest.mark.parametrize("rate", [200 * KIB, MIB, 100 * MIB, 10 * 1024 * MIB])
+def test_a_pause_buys_half_a_second(rate: int) -> None:
+    """About two pauses a second at any rate: a pause has a fixed cost
+    (a timer, wake-ups), so paced CPU per byte stays an unpaced relay's."""
+    clock = Clock()
+    bucket = TokenBucket(rate, clock.now)
+    pauses = 0
+    while clock.now - 1000.0 < 10.0:
+        delay = bucket.spend(bucket.allowance(clock.now), clock.now)
+        assert delay > 0
+        clock.now += delay
+        pauses += 1
+    assert pauses / 10.0 <= 3.5
 
 
 def test_tiny_rates_wake_within_half_a_second() -> None:
