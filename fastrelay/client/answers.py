@@ -39,6 +39,16 @@ class MintResult:
     """True when the relay confirmed ``"resumable": true`` (asked with
     ``mint(..., resumable=True)``): a break of either side can be resumed.
     False from a relay that does not know the option (it ignores it)."""
+    receivers: int = 1
+    """How many GETs each receive the whole upload, as the relay echoed it
+    (asked with ``mint(..., receivers=N)``). 1 when the mint asked for no v2
+    option (the relay then answers as v1 and echoes nothing), and from a
+    relay that does not know fan-out (it ignores the field)."""
+    max_rate: int = 0
+    """The ticket's pace in bytes per second as the relay echoed it: the
+    rate asked for, lowered to the relay's ``--max-rate`` if above it, or
+    that ``--max-rate`` when none was asked. 0: unlimited, and also when the
+    mint asked for no v2 option (no echo) or the relay does not know pacing."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +59,9 @@ class PutResult:
     """Hex sha-256 of what was sent."""
     answer: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     """The relay's JSON answer as sent (``{"bytes":N,"status":"ok"}``, plus
-    ``"sha256"`` from a relay run with ``--audit-digest``)."""
+    ``"sha256"`` from a relay run with ``--audit-digest``, ``"resumes"`` on
+    a resumable ticket, ``"receivers"`` and ``"delivered"`` on a fan-out
+    ticket)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,12 +93,25 @@ class TransferFailed(errors.RelayError):
     out, or could not be made again): what ``retries`` retries, since on a
     resumable ticket the relay keeps the other side waiting. It is False
     for a failure a retry cannot mend (an error answer, a local check).
+
+    ``answer`` is the relay's JSON answer to an upload it had accepted
+    (``{"bytes":N,"error":"..."}``; on a fan-out ticket that some receivers
+    did not get whole, ``{"bytes":N,"error":"k of N receivers failed",
+    "receivers":N,"delivered":N-k}``), None when there was none.
     """
 
-    def __init__(self, message: str, status: int = BAD_GATEWAY, *, broke: bool = False) -> None:
+    def __init__(
+        self,
+        message: str,
+        status: int = BAD_GATEWAY,
+        *,
+        broke: bool = False,
+        answer: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.broke = broke
+        self.answer = answer
 
 
 class RelayUnreachable(TransferFailed):

@@ -426,7 +426,16 @@ def _mint_request(
     ttl: float | None,
     max_bytes: int,
     resumable: bool = False,
+    receivers: int = 1,
+    max_rate: int = 0,
 ) -> tuple[dict[str, str], dict[str, Any]]:
+    # Checked here, before any request: the relay would answer 400 anyway.
+    if isinstance(receivers, bool) or not isinstance(receivers, int) or receivers < 1:
+        raise ValueError(f"receivers must be a whole number, at least 1 (got {receivers!r})")
+    if isinstance(max_rate, bool) or not isinstance(max_rate, int) or max_rate < 0:
+        raise ValueError(
+            f"max_rate must be a whole number of bytes per second, 0 or more (got {max_rate!r})"
+        )
     if secret is None:
         raise ValueError("minting needs the relay's shared secret (secret=...)")
     payload: dict[str, Any] = {
@@ -438,8 +447,14 @@ def _mint_request(
         payload["ttl_seconds"] = math.ceil(ttl)  # the wire field is whole seconds
     if max_bytes:
         payload["max_bytes"] = max_bytes
+    # The v2 options go only when not their default: a plain mint stays a
+    # v1 request (and gets the v1 answer), byte for byte.
     if resumable:
-        payload["resumable"] = True  # absent otherwise: a v1 mint, byte for byte
+        payload["resumable"] = True
+    if receivers != 1:
+        payload["receivers"] = receivers
+    if max_rate:
+        payload["max_rate"] = max_rate
     return {"Authorization": f"Bearer {secret}"}, payload
 
 
@@ -460,9 +475,20 @@ def _mint_result(status: int, body: bytes) -> MintResult:
             download_url=str(doc["download_url"]),
             expires_at=_parse_expires_at(str(doc["expires_at"])),
             resumable=doc.get("resumable") is True,
+            receivers=_echoed(doc, "receivers", 1),
+            max_rate=_echoed(doc, "max_rate", 0),
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise RelayRefused(status, f"unexpected mint answer: {quote(body)}") from exc
+
+
+def _echoed(doc: dict[str, Any], field: str, default: int) -> int:
+    """A v2 option as the mint answer echoed it; ``default`` when it did not
+    (a mint that asked for no option, a relay that does not know it)."""
+    value = doc.get(field, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{field}: {value!r}")  # an answer we cannot read
+    return value
 
 
 def _mint_url(base_url: str | None) -> str:
@@ -553,10 +579,25 @@ class Client(_Base):
         ttl: float | None = None,
         max_bytes: int = 0,
         resumable: bool = False,
+        receivers: int = 1,
+        max_rate: int = 0,
     ) -> MintResult:
+        """Mint a ticket. ``resumable``: it survives broken connections;
+        ``receivers``: that many GETs each receive the whole upload (1..the
+        relay's ``--max-receivers``); ``max_rate``: its pace in bytes per
+        second (0: the relay's ``--max-rate``, else unlimited). Options left
+        at their default are not sent: the request is then a v1 mint."""
         url = _mint_url(self.base_url)
         headers, payload = _mint_request(
-            self._secret, workspace_id, source_exe_id, dest_exe_id, ttl, max_bytes, resumable
+            self._secret,
+            workspace_id,
+            source_exe_id,
+            dest_exe_id,
+            ttl,
+            max_bytes,
+            resumable,
+            receivers,
+            max_rate,
         )
         try:
             resp = self._http.post(url, headers=headers, json=payload)
@@ -648,10 +689,25 @@ class AsyncClient(_Base):
         ttl: float | None = None,
         max_bytes: int = 0,
         resumable: bool = False,
+        receivers: int = 1,
+        max_rate: int = 0,
     ) -> MintResult:
+        """Mint a ticket. ``resumable``: it survives broken connections;
+        ``receivers``: that many GETs each receive the whole upload (1..the
+        relay's ``--max-receivers``); ``max_rate``: its pace in bytes per
+        second (0: the relay's ``--max-rate``, else unlimited). Options left
+        at their default are not sent: the request is then a v1 mint."""
         url = _mint_url(self.base_url)
         headers, payload = _mint_request(
-            self._secret, workspace_id, source_exe_id, dest_exe_id, ttl, max_bytes, resumable
+            self._secret,
+            workspace_id,
+            source_exe_id,
+            dest_exe_id,
+            ttl,
+            max_bytes,
+            resumable,
+            receivers,
+            max_rate,
         )
         try:
             resp = await self._http.post(url, headers=headers, json=payload)

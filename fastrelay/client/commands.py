@@ -21,8 +21,9 @@ code  constant                   meaning
                                  before the ticket is used, so failing to open
                                  them leaves the ticket good)
 2     ``EXIT_USAGE``             bad arguments (argparse errors too, a bad URL,
-                                 ``--ttl``/``--max-bytes`` not a whole number
-                                 >= 1), no secret
+                                 ``--ttl``/``--max-bytes``/``--receivers`` not a
+                                 whole number >= 1, ``--max-rate`` not a
+                                 rate), no secret
 3     ``EXIT_REFUSED``           the relay answered an error before any byte
                                  moved (401, 408, 410, 413, 423, 429, 5xx ...)
 4     ``EXIT_TRANSFER_FAILED``   the relay could not be reached, or the transfer
@@ -36,6 +37,11 @@ code  constant                   meaning
 
 ``get -o FILE`` writes ``FILE.partial`` and renames it only when the body is
 complete and verified, so on any non-zero exit there is no FILE.
+
+``put`` prints the relay's JSON answer whenever the relay answered the upload
+it had accepted, also with an error: a fan-out ticket whose receivers did not
+all get the whole upload answers ``502`` with ``"receivers"`` and
+``"delivered"``, printed before ``put`` exits 4.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from tqdm import tqdm
 
 from ..core import errors
 from ..core.logsafe import safe
+from ..core.pacing import RATE_FORMAT, parse_rate
 from .answers import DigestMismatch, MintResult, RelayUnreachable, RetryNotice, TransferFailed
 from .api import Client
 
@@ -130,6 +137,15 @@ def _whole(text: str) -> int:
     return value
 
 
+def _rate(text: str) -> int:
+    # Spelled as the relay's own --max-rate (curl's --limit-rate), and the
+    # same error. 0 is a valid rate: the relay's default (then not sent).
+    try:
+        return parse_rate(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {RATE_FORMAT} (got {safe(text, 64)})") from None
+
+
 def _positive_seconds(text: str) -> float:
     try:
         value = float(text)
@@ -184,6 +200,21 @@ def add_client_commands(
         "--resumable",
         action="store_true",
         help="a ticket whose transfer survives a broken connection (put/get --retries resume it)",
+    )
+    mint.add_argument(
+        "--receivers",
+        type=_positive_whole,
+        default=1,
+        metavar="N",
+        help="fan-out: N downloads (GETs) each receive the whole upload (default 1)",
+    )
+    mint.add_argument(
+        "--max-rate",
+        type=_rate,
+        default=0,
+        metavar="RATE",
+        help="pace the transfer at RATE bytes/s at most, K/M/G suffixes x1024, e.g. 10M "
+        "(default: the relay's --max-rate, else unlimited)",
     )
 
     transfer = argparse.ArgumentParser(add_help=False, parents=[common])
@@ -269,11 +300,7 @@ def run_client_command(args: argparse.Namespace) -> int:
         )
         return _fail(EXIT_TRANSFER_FAILED, f"{_doing(args)} failed: {exc}", hint)
     except TransferFailed as exc:
-        return _fail(
-            EXIT_TRANSFER_FAILED,
-            f"{_doing(args)} failed: {exc}",
-            "the transfer did not complete; mint a new ticket and send again",
-        )
+        return _fail(EXIT_TRANSFER_FAILED, f"{_doing(args)} failed: {exc}", _failed_hint(exc))
     except errors.RelayError as exc:
         return _fail(
             EXIT_REFUSED,
@@ -319,7 +346,10 @@ def _refusal_hint(args: argparse.Namespace, exc: errors.RelayError) -> str:
     if isinstance(exc, errors.TicketNotFound):
         return "the ticket is unknown, already used or expired: mint a new one"
     if isinstance(exc, errors.SideAlreadyClaimed):
-        return f"another {exc.side} is using this ticket; a ticket takes one PUT and one GET"
+        return (
+            f"another {exc.side} is using this ticket; a ticket takes one PUT and one GET "
+            "(a fan-out ticket as many GETs as it was minted with --receivers)"
+        )
     if isinstance(exc, errors.PairingTimeout):
         return (
             "the other side did not arrive before the ticket expired; "
@@ -332,6 +362,17 @@ def _refusal_hint(args: argparse.Namespace, exc: errors.RelayError) -> str:
     if exc.status >= 500:
         return "the relay is busy or shutting down; retry later"
     return ""
+
+
+def _failed_hint(exc: TransferFailed) -> str:
+    answer = exc.answer or {}
+    receivers, delivered = answer.get("receivers"), answer.get("delivered")
+    if isinstance(receivers, int) and isinstance(delivered, int):
+        return (
+            f"{delivered} of {receivers} receivers got the whole upload (the relay's answer "
+            "is on stdout); mint a new ticket to send it to the others"
+        )
+    return "the transfer did not complete; mint a new ticket and send again"
 
 
 def _local_error(exc: OSError) -> str:
@@ -394,28 +435,50 @@ def _mint(args: argparse.Namespace) -> int:
             ttl=args.ttl,
             max_bytes=args.max_bytes,
             resumable=args.resumable,
+            receivers=args.receivers,
+            max_rate=args.max_rate,
         )
-    print(json.dumps(_mint_json(result, args.resumable), separators=(",", ":")))
+    print(json.dumps(_mint_json(result, args), separators=(",", ":")))
+    # The ticket exists and works, but not as asked: say so rather than let
+    # a later --retries, or a second receiver's 423, find out.
     if args.resumable and not result.resumable:
-        # The ticket exists and works, but a break will end it: say so
-        # rather than let a later --retries find out.
-        print(
-            'fastrelay: warning: the relay did not confirm "resumable" (it is older than '
-            "resumable relays): the ticket is not resumable",
-            file=sys.stderr,
+        _warn(
+            'the relay did not confirm "resumable" (it is older than resumable relays): '
+            "the ticket is not resumable"
+        )
+    if args.receivers != 1 and result.receivers != args.receivers:
+        takes = "one GET" if result.receivers == 1 else f"{result.receivers} GETs"
+        _warn(
+            f'the relay did not confirm "receivers":{args.receivers} (it is older than '
+            f"fan-out relays): the ticket takes {takes}"
+        )
+    if args.max_rate and not result.max_rate:
+        _warn(
+            'the relay did not confirm "max_rate" (it is older than paced relays): '
+            "the ticket is not paced"
         )
     return EXIT_OK
 
 
-def _mint_json(result: MintResult, asked_resumable: bool = False) -> dict[str, object]:
+def _warn(message: str) -> None:
+    print(f"fastrelay: warning: {message}", file=sys.stderr)
+
+
+def _mint_json(result: MintResult, args: argparse.Namespace) -> dict[str, object]:
     answer: dict[str, object] = {
         "ticket": result.ticket,
         "upload_url": result.upload_url,
         "download_url": result.download_url,
         "expires_at": result.expires_at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
     }
-    if asked_resumable:
-        answer["resumable"] = result.resumable  # the relay's echo, as its answer has it
+    # The relay's echo of each option the mint sent, as its answer has it
+    # (an option left at its default is not sent: a v1 mint, a v1 answer).
+    if args.resumable:
+        answer["resumable"] = result.resumable
+    if args.receivers != 1:
+        answer["receivers"] = result.receivers
+    if args.max_rate:
+        answer["max_rate"] = result.max_rate
     return answer
 
 
@@ -440,15 +503,24 @@ def _retry_notice(args: argparse.Namespace, bar: _Bar | None) -> Callable[[Retry
 def _put(args: argparse.Namespace, bar: _Bar | None) -> int:
     source: str | IO[bytes] = sys.stdin.buffer if args.file == "-" else args.file
     with _client(args) as client:
-        result = client.put(
-            args.url,
-            source,
-            progress=bar,
-            retries=args.retries,
-            on_retry=_retry_notice(args, bar),
-        )
+        try:
+            result = client.put(
+                args.url,
+                source,
+                progress=bar,
+                retries=args.retries,
+                on_retry=_retry_notice(args, bar),
+            )
+        except TransferFailed as exc:
+            # The relay answered the upload with an error (e.g. a fan-out
+            # ticket's 502, "k of N receivers failed"): its answer too, as
+            # curl prints it, then the exit code says it failed.
+            if exc.answer is not None:
+                print(json.dumps(dict(exc.answer), separators=(",", ":")), flush=True)
+            raise
     # Like curl: the relay's answer, so a script gets the byte count (and the
-    # sha256 of a relay run with --audit-digest).
+    # sha256 of a relay run with --audit-digest, receivers/delivered of a
+    # fan-out ticket).
     print(json.dumps(dict(result.answer), separators=(",", ":")))
     return EXIT_OK
 

@@ -447,9 +447,13 @@ def put_flow(
         event = yield from _final_response(conn)
     answer = yield from _small_body(conn)
     if event.status_code != 200:
+        # E.g. 502 from a fan-out ticket some receivers did not get whole:
+        # {"bytes":B,"error":"k of N receivers failed","receivers":N,"delivered":N-k}.
         cause = answer_error(event.status_code, answer)
         raise TransferFailed(
-            f"the relay ended the upload: {event.status_code} {cause.message}", event.status_code
+            f"the relay ended the upload: {event.status_code} {cause.message}",
+            event.status_code,
+            answer=_json_object(answer),
         ) from cause
     try:
         doc = json.loads(answer)
@@ -510,6 +514,15 @@ def get_flow(
     if expected is not None and expected != digest:
         raise DigestMismatch(expected.hex(), digest.hex())
     return GetResult(bytes=offset + tally.moved, digest=digest.hex(), verified=expected is not None)
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    """``body`` as a JSON object, or None when it is not one."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def quote(body: bytes) -> str:

@@ -46,6 +46,10 @@ WALKTHROUGHS = {
     "client-walkthrough": "received.bin is data.bin",
     "resume-curl": "big.got is big.bin",
     "resume-client": "big.out is big.bin",
+    "fanout-curl": "copy1.bin, copy2.bin and copy3.bin are big.bin",
+    "fanout-client": "fan1.out, fan2.out and fan3.out are big.bin",
+    "paced-curl": "paced.got is big.bin",
+    "paced-client": "paced1.out and paced2.out are big.bin",
 }
 
 
