@@ -65,9 +65,9 @@ from ..core.heads import CONTINUE_100, RequestHead, download_head, last_chunk, s
 from ..core.observe import Metrics
 from ..core.resume import copied_headers
 from ..core.session import Input
-from .flow import FLOW, PACING, BufferPool
+from .flow import FLOW, BufferPool
 from .kernel_splice import TEE_AVAILABLE, KernelTee, dup_transport_socket
-from .pacing import Pacer
+from .pacing import PacedSource, Pacer
 from .timer import LoopTimer
 
 if TYPE_CHECKING:
@@ -159,31 +159,23 @@ class Receiver:
         return f"<Receiver {self.index} {state} delivered={self.delivered}>"
 
 
-class FanOut:
+class FanOut(PacedSource):
     """One upload, N receivers (see the module docstring)."""
 
     __slots__ = (
-        "_buf",
         "_deadline",
         "_draining_tail",
-        "_finished",
         "_framer",
         "_hasher",
-        "_kernel",
         "_kernel_pending",
-        "_last_upload",
         "_metrics",
-        "_pacer",
         "_pinned",
         "_pins",
-        "_timer",
         "idle_timeout_s",
         "live",
-        "pool",
         "receivers",
         "relay",
         "up",
-        "up_gate",
         "up_head",
         "up_transport",
     )
@@ -220,7 +212,7 @@ class FanOut:
         self._draining_tail = False
         self._deadline: Deadline | None = None
         now = timer.clock()
-        self._last_upload = now
+        self._last_progress = now
         self.receivers = [
             Receiver(self, index, end, http10, close)
             for index, (end, http10, close) in enumerate(downs, 1)
@@ -321,7 +313,7 @@ class FanOut:
 
     def _kernel_read(self, nbytes: int) -> None:
         now = self._timer.clock()
-        self._last_upload = now
+        self._last_progress = now
         self._framer.skip_known_length(nbytes)
         for receiver in self.live:
             receiver.last_progress = now  # a new batch: each has the idle timeout to take it
@@ -355,22 +347,10 @@ class FanOut:
 
     # --- the upload ------------------------------------------------------------------
 
-    def upload_buffer(self) -> memoryview:
-        """The buffer for the next upload read: never a pinned one; on a
-        paced relay no longer than the pacer allows."""
-        buf = self._buf
-        if buf is None:
-            buf = self._buf = self.pool.acquire()
-        if self._pacer is not None:
-            allowed = self._pacer.allowance()
-            if allowed < len(buf):
-                return buf[: max(1, allowed)]
-        return buf
-
     def upload_received(self, nbytes: int) -> None:
         buf = self._buf
         assert buf is not None
-        self._last_upload = self._timer.clock()
+        self._last_progress = self._timer.clock()
         self._forward(buf[:nbytes])
         if (
             self._pins
@@ -473,22 +453,6 @@ class FanOut:
                 return  # its resume_writing (or its drop) looks again
         self._succeed()
 
-    # --- pacing ----------------------------------------------------------------------
-
-    def _paced(self, nbytes: int) -> None:
-        pacer = self._pacer
-        if pacer is not None and not self._finished and pacer.spent(nbytes):
-            self.up_gate.pause(PACING)
-
-    def _pace_ready(self) -> None:
-        if self._finished:
-            return
-        self._last_upload = self._timer.clock()
-        if self._kernel is not None:
-            self._kernel.pace_ready()
-        else:
-            self.up_gate.resume(PACING)
-
     # Never called on the source (its connection is not DOWNLOADING); here
     # so every data path has one shape for the connection.
 
@@ -532,7 +496,7 @@ class FanOut:
     def _resume_upload(self) -> None:
         """No receiver holds the upload any more: read it again. Its idle
         clock starts now (it was not stalled, we held it)."""
-        self._last_upload = self._timer.clock()
+        self._last_progress = self._timer.clock()
         self.up_gate.resume(FLOW)
 
     def _release_pinned(self) -> None:
@@ -550,7 +514,7 @@ class FanOut:
         receiver.paused = False
         self.live.remove(receiver)
         # The upload may have been held by this one: its idle clock starts now.
-        self._last_upload = self._timer.clock()
+        self._last_progress = self._timer.clock()
         if self._kernel is not None and receiver.slot >= 0:
             # Its dup'd socket goes first: only then does the reset below
             # really end its connection.
@@ -587,7 +551,7 @@ class FanOut:
 
     def _arm_idle(self) -> None:
         paused = [r.last_progress for r in self.live if self._lagging(r)]
-        since = min(paused) if paused else self._last_upload
+        since = min(paused) if paused else self._last_progress
         self._deadline = self._timer.at(since + self.idle_timeout_s, self._idle_check)
 
     def _idle_check(self) -> None:
@@ -601,9 +565,9 @@ class FanOut:
         if not self.live:
             return  # the last one went: the transfer has failed
         if self._pacer is not None and self._pacer.paused:
-            self._last_upload = now  # held by pacing, not stalled
+            self._last_progress = now  # held by pacing, not stalled
         holding = self._draining_tail or any(self._lagging(r) for r in self.live)
-        if not holding and now - self._last_upload >= self.idle_timeout_s:
+        if not holding and now - self._last_progress >= self.idle_timeout_s:
             self._fail(
                 Input.IDLE_TIMEOUT,
                 IdleTimeout(

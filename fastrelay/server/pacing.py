@@ -18,10 +18,12 @@ and its data path is exactly the unpaced one.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 from ..core.deadlines import Deadline
 from ..core.observe import Metrics
 from ..core.pacing import TokenBucket, lowest, share
+from .flow import PACING, BufferPool, ReadGate
 from .timer import LoopTimer
 
 UNLIMITED = 1 << 62
@@ -192,3 +194,66 @@ class PacingBoard:
     def active(self, workspace: str) -> int:
         """Paced uploads of ``workspace`` sharing its rate now."""
         return len(self._by_workspace.get(workspace, ()))
+
+
+class _KernelPath(Protocol):
+    def pace_ready(self) -> None: ...
+
+
+class PacedSource:
+    """The source side of a data path (`transfer.Transfer`, `fanout.FanOut`):
+    its receive buffers, and its pace when it has a `Pacer`. One read never
+    takes more than the pacer allows (`upload_buffer` hands out a shorter
+    view of the buffer), and a read that empties the bucket holds the
+    source's gate (`flow.PACING`, apart from backpressure's `flow.FLOW`)
+    until the pacer's one timer calls `_pace_ready`. On the kernel path the
+    pipe asks the pacer itself and is told when to go on."""
+
+    __slots__ = (
+        "_buf",
+        "_finished",
+        "_kernel",
+        "_last_progress",
+        "_pacer",
+        "_timer",
+        "pool",
+        "up_gate",
+    )
+
+    _buf: memoryview | None
+    _finished: bool
+    _kernel: _KernelPath | None
+    _last_progress: float
+    """The source's last progress (a read, or the end of a pause)."""
+    _pacer: Pacer | None
+    _timer: LoopTimer
+    pool: BufferPool
+    up_gate: ReadGate
+
+    def upload_buffer(self) -> memoryview:
+        """The buffer for the next upload read: never a pinned one; on a
+        paced relay no longer than the pacer allows (a prefix of it)."""
+        buf = self._buf
+        if buf is None:
+            buf = self._buf = self.pool.acquire()
+        if self._pacer is not None:
+            allowed = self._pacer.allowance()
+            if allowed < len(buf):
+                return buf[: max(1, allowed)]
+        return buf
+
+    def _paced(self, nbytes: int) -> None:
+        """``nbytes`` were read: hold the source if the pacer says so."""
+        pacer = self._pacer
+        if pacer is not None and not self._finished and pacer.spent(nbytes):
+            self.up_gate.pause(PACING)
+
+    def _pace_ready(self) -> None:
+        """The pacer's pause is over (its timer): read again."""
+        if self._finished:
+            return
+        self._last_progress = self._timer.clock()  # held, not idle
+        if self._kernel is not None:
+            self._kernel.pace_ready()
+        else:
+            self.up_gate.resume(PACING)

@@ -24,7 +24,11 @@ ticket is spent or served elsewhere).
 Pairing happens in one place: `Relay.claim` records a side and, when it
 completes the pair, returns the waiting partner. The connection that made
 the claim then builds the transfer from the relay and the two ends; nothing
-here knows what a connection or a transfer is.
+here knows what a connection or a transfer is. A fan-out relay
+(``receivers > 1``) keeps its GETs in ``waiting_receivers``; its GET side
+counts as claimed (for the session) only once all of them are here, a GET
+that leaves frees its place, one too many is a 423, and the connection
+that completes the pair takes them all (`Relay.take_receivers`).
 
 Every path that ends a relay goes through `Relay.finish`, which applies the
 final input to the session (so the outcome is recorded once), removes the

@@ -101,10 +101,10 @@ from ..core.heads import (
 )
 from ..core.resume import copied_headers
 from ..core.session import Input
-from .flow import FLOW, PACING, BufferPool, ReadGate
+from .flow import FLOW, BufferPool, ReadGate
 from .kernel_splice import AVAILABLE as KERNEL_SPLICE_AVAILABLE
 from .kernel_splice import KernelPipe, dup_transport_socket
-from .pacing import Pacer
+from .pacing import PacedSource, Pacer
 from .registry import WaitingEnd
 from .timer import LoopTimer
 
@@ -159,20 +159,15 @@ class TransferEnd(WaitingEnd, Protocol):
         new partner, at offset ``at`` (the upload keeps its ``framer``)."""
 
 
-class Transfer:
+class Transfer(PacedSource):
     __slots__ = (
-        "_buf",
         "_deadline",
         "_download_close",
         "_draining_tail",
-        "_finished",
         "_framer",
         "_hasher",
         "_head",
-        "_kernel",
         "_kernel_pending",
-        "_last_progress",
-        "_pacer",
         "_payload_at_start",
         "_pinned",
         "_reframe",
@@ -180,15 +175,12 @@ class Transfer:
         "_skip",
         "_start",
         "_tail_sock",
-        "_timer",
         "down",
         "down_transport",
         "idle_timeout_s",
         "pins_buffers",
-        "pool",
         "relay",
         "up",
-        "up_gate",
         "up_head",
         "up_transport",
     )
@@ -370,18 +362,6 @@ class Transfer:
 
     # --- upload side (called by the upload connection) ----------------------------
 
-    def upload_buffer(self) -> memoryview:
-        """The buffer for the next upload read. Never one that is pinned; on
-        a paced relay, no longer than the pacer allows (a prefix of it)."""
-        buf = self._buf
-        if buf is None:
-            buf = self._buf = self.pool.acquire()
-        if self._pacer is not None:
-            allowed = self._pacer.allowance()
-            if allowed < len(buf):
-                return buf[: max(1, allowed)]
-        return buf
-
     def upload_received(self, nbytes: int) -> None:
         buf = self._buf
         assert buf is not None
@@ -535,22 +515,6 @@ class Transfer:
         acknowledgements, so look now rather than at the next poll."""
         if self._draining_tail and self._resumed is not None and not self._finished:
             self._check_acked()
-
-    def _paced(self, nbytes: int) -> None:
-        """A paced relay read ``nbytes``: hold the upload if the pacer says."""
-        pacer = self._pacer
-        if pacer is not None and not self._finished and pacer.spent(nbytes):
-            self.up_gate.pause(PACING)
-
-    def _pace_ready(self) -> None:
-        """The pacer's pause is over (its timer)."""
-        if self._finished:
-            return
-        self._last_progress = self._timer.clock()
-        if self._kernel is not None:
-            self._kernel.pace_ready()
-        else:
-            self.up_gate.resume(PACING)
 
     # --- download side (called by the download connection) ------------------------
 

@@ -621,3 +621,60 @@ def test_a_resumable_relay_survives_the_kill_9_of_its_node(
             f" both clients finished {finished:.1f} s after the kill"
             f" (GET {get_tries} attempts, PUT {put_tries}), body intact"
         )
+
+
+def test_a_fan_out_ticket_through_haproxy_reaches_one_node_for_all_receivers(
+    tmp_path: pathlib.Path, payloads: dict[int, pathlib.Path]
+) -> None:
+    """The receivers of a fan-out ticket all ask for /relay/<ticket>, so
+    HAProxy's path hash takes them to one node, wherever the ticket was
+    minted; the ticket's options travel in it (signed)."""
+    with cluster_of(tmp_path) as c:
+        payload = payloads[max(SIZES)]
+        size = payload.stat().st_size
+        status, answer = mint(c.url, receivers=3, max_rate=64 * 1024 * 1024)
+        assert status == 201, answer
+        assert (answer["receivers"], answer["max_rate"]) == (3, 64 * 1024 * 1024)
+        url, ticket = answer["upload_url"], answer["ticket"]
+        auth = f"Authorization: Bearer {ticket}"
+        outs = [tmp_path / f"fan-{i}.bin" for i in range(3)]
+        gets = [
+            subprocess.Popen(
+                _curl("-f", "-H", auth, "-o", str(out), "-D", f"{out}.head", url),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            for out in outs
+        ]
+        try:
+            put = subprocess.run(
+                _curl("-H", auth, "-T", str(payload), url), capture_output=True, timeout=60
+            )
+            for get in gets:
+                get.communicate(timeout=60)
+        finally:
+            for get in gets:
+                if get.poll() is None:
+                    get.kill()
+                    get.communicate()
+        assert put.returncode == 0, put.stderr
+        assert json.loads(put.stdout) == {
+            "bytes": size,
+            "status": "ok",
+            "receivers": 3,
+            "delivered": 3,
+        }
+        nodes = set()
+        for get, out in zip(gets, outs, strict=True):
+            assert get.returncode == 0
+            assert _sha(out) == _sha(payload)
+            head = pathlib.Path(f"{out}.head").read_text(errors="replace").lower()
+            nodes.update(
+                line.split(":", 1)[1].strip()
+                for line in head.splitlines()
+                if line.startswith("x-fastrelay-node:")
+            )
+        assert len(nodes) == 1, nodes  # one node served all three
+        node = c.node_by_name(nodes.pop())
+        assert c.metric(node, 'fastrelay_relays_total{outcome="ok"}') == 1
+        assert c.metric(node, "fastrelay_fanout_receiver_bytes_total") == 3 * size
