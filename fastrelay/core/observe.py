@@ -94,6 +94,13 @@ TRANSFER_BUCKETS_S: tuple[float, ...] = (
     1800, 3600, 7200, 14400, 43200,
 )  # fmt: skip
 
+# Bytes each fan-out receiver got (one observation per receiver, when it is
+# done or dropped): powers of 16 from 64 KiB to 1 TiB, few series per node,
+# enough to tell a receiver cut early from one that got a large body whole.
+RECEIVER_BYTES_BUCKETS: tuple[float, ...] = (
+    2**16, 2**20, 2**24, 2**28, 2**32, 2**36, 2**40,
+)  # fmt: skip
+
 MINT_OUTCOMES = (
     "created",
     "unauthorized",
@@ -178,6 +185,7 @@ class Metrics:
         "paced_s",
         "pairing",
         "receiver_bytes",
+        "receivers_delivered",
         "relay_refusals",
         "resumes",
         "superseded",
@@ -189,6 +197,8 @@ class Metrics:
         """Fan-out receivers cut while the others went on, by why."""
         self.receiver_bytes = 0
         """Payload bytes written to fan-out receivers (each counts its own)."""
+        self.receivers_delivered = Histogram(RECEIVER_BYTES_BUCKETS)
+        """Bytes each fan-out receiver got, observed when it is done or dropped."""
         self.paced_s = 0.0
         """Seconds uploads spent paused by pacing."""
         self.resumes = {"PUT": 0, "GET": 0}

@@ -171,6 +171,7 @@ class FanOut(PacedSource):
         "_metrics",
         "_pinned",
         "_pins",
+        "_slots",
         "idle_timeout_s",
         "live",
         "receivers",
@@ -231,6 +232,8 @@ class FanOut(PacedSource):
         if pacer is not None:
             pacer.on_ready = self._pace_ready
         self._kernel: KernelTee | None = None
+        self._slots: list[Receiver] = []
+        """The kernel path's receivers, by slot (``Receiver.slot``)."""
         remaining = self._framer.remaining
         # splice(2)+tee(2) need plain sockets everywhere and a known length.
         self._kernel_pending = (
@@ -245,7 +248,8 @@ class FanOut(PacedSource):
 
     @property
     def forwarded(self) -> int:
-        """Upload payload bytes written to the receivers still live."""
+        """Upload payload bytes read and handed on: written to the live
+        receivers' transports, or (kernel path) put into their pipes."""
         return self._framer.payload
 
     def start(self, body_prefix: bytes) -> None:
@@ -298,6 +302,7 @@ class FanOut(PacedSource):
             return
         for slot, receiver in enumerate(self.live):
             receiver.slot = slot
+        self._slots = list(self.live)
         self._kernel = KernelTee(
             up_sock,
             [sock for sock in socks if sock is not None],
@@ -319,12 +324,10 @@ class FanOut(PacedSource):
             receiver.last_progress = now  # a new batch: each has the idle timeout to take it
 
     def _kernel_sent(self, slot: int, nbytes: int) -> None:
-        for receiver in self.live:
-            if receiver.slot == slot:
-                receiver.delivered += nbytes
-                receiver.last_progress = self._timer.clock()
-                self._metrics.receiver_bytes += nbytes
-                return
+        receiver = self._slots[slot]
+        receiver.delivered += nbytes
+        receiver.last_progress = self._timer.clock()
+        self._metrics.receiver_bytes += nbytes
 
     def _kernel_src_error(self, exc: OSError | None) -> None:
         if exc is None:
@@ -333,10 +336,7 @@ class FanOut(PacedSource):
             self.upload_lost(exc)
 
     def _kernel_dst_error(self, slot: int, exc: OSError) -> None:
-        for receiver in self.live:
-            if receiver.slot == slot:
-                self.drop(receiver, f"connection lost: {exc}", "lost")
-                return
+        self.drop(self._slots[slot], f"connection lost: {exc}", "lost")
 
     def _lagging(self, receiver: Receiver) -> bool:
         """The receiver holds the upload back (bytes it has not taken)."""
@@ -515,18 +515,22 @@ class FanOut(PacedSource):
         self.live.remove(receiver)
         # The upload may have been held by this one: its idle clock starts now.
         self._last_progress = self._timer.clock()
-        if self._kernel is not None and receiver.slot >= 0:
-            # Its dup'd socket goes first: only then does the reset below
-            # really end its connection.
-            self._kernel.drop(receiver.slot)
         self._metrics.dropped_receivers[kind] += 1
+        self._metrics.receivers_delivered.observe(receiver.delivered)
         observe.log_dropped(
             self.relay, receiver.index, len(self.receivers), receiver.delivered, why
         )
+        if self._kernel is not None and receiver.slot >= 0:
+            # Its dup'd socket goes first: only then does the reset below
+            # really end its connection. (If it was the receiver the others
+            # waited for and the body is whole, this ends the transfer.)
+            self._kernel.drop(receiver.slot)
         # Its aborted transport may still reference pinned buffers: never
         # reuse them (the others' views keep them alive until written).
         self._pinned.clear()
         receiver.end.transfer_ended(None, False)  # a reset: visibly cut
+        if self._ended():
+            return
         if not self.live:
             failed = ReceiversFailed(len(self.receivers), len(self.receivers), self.forwarded)
             self._fail(Input.DOWNLOAD_ABORTED, failed)
@@ -539,6 +543,10 @@ class FanOut(PacedSource):
                 self._engage_kernel()
         elif not any(r.paused for r in self.live):
             self._resume_upload()
+
+    def _ended(self) -> bool:
+        """Whether the transfer is over (a call above may have ended it)."""
+        return self._finished
 
     def shut_down(self) -> None:
         """The server is stopping: abort visibly, outcome SHUTDOWN."""
@@ -582,6 +590,8 @@ class FanOut(PacedSource):
 
     def _end(self) -> None:
         self._finished = True
+        for receiver in self.live:  # the dropped ones were observed then
+            self._metrics.receivers_delivered.observe(receiver.delivered)
         if self._kernel is not None:
             # The dup'd sockets go first: only then do the transports own
             # the connections again (and a reset really ends them).

@@ -385,13 +385,13 @@ class KernelTee:
         os.close(r)
         os.close(w)
         self.dsts[index].close()
-        if self._live and not self._writing:
-            self._batch_done()
+        if self._live:
+            self._batch_done()  # it may have been the one the others waited for
 
     def pace_ready(self) -> None:
         """The pacer's pause is over: read again once the batch is out."""
         self._paced = False
-        if not self._closed and not self._writing and not self._reading:
+        if not self._closed and not self._reading:
             self._batch_done()
 
     def close(self) -> None:
@@ -504,8 +504,8 @@ class KernelTee:
 
     def _batch_done(self) -> None:
         """Every live receiver has the batch: the next one, or the end."""
-        if self._closed:
-            return
+        if self._closed or self._writing or any(self._pending[i] for i in self._live):
+            return  # a receiver still holds part of this batch
         if self._remaining == 0:
             self._finish()
         elif not self._paced:

@@ -159,6 +159,11 @@ class RelayCollector(Collector):
             "Payload bytes written to fan-out receivers (each receiver counts its own).",
             value=m.receiver_bytes,
         )
+        yield _histogram(
+            "fastrelay_fanout_delivered_bytes",
+            "Bytes each fan-out receiver got, observed once per receiver when done or dropped.",
+            m.receivers_delivered,
+        )
         yield CounterMetricFamily(
             "fastrelay_paced_seconds",
             "Seconds uploads spent paused by pacing (max_rate, --max-rate, --workspace-rate).",

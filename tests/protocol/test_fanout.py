@@ -173,6 +173,9 @@ def test_a_stalled_receiver_is_dropped_at_the_idle_timeout_and_the_others_go_on(
             "delivered": 2,
         }
         assert server.registry.metrics.dropped_receivers == {"idle": 1, "lost": 0}
+        # One observation per receiver: the dropped one's BUF, the others' 2 x BUF.
+        delivered = server.registry.metrics.receivers_delivered
+        assert delivered.count == 3 and delivered.sum == 5 * BUF
 
     run(main)
 
