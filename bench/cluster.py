@@ -54,7 +54,6 @@ from .clients import Endpoint, random_file
 from .load import (
     MIB,
     Env,
-    IntegrityError,
     _small_relays,
     direct_streams,
     environment,
@@ -62,6 +61,7 @@ from .load import (
     measure,
     stream_pairs,
 )
+from .record import IntegrityError
 
 
 def _cpu(proc: psutil.Process) -> float:

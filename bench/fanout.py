@@ -33,20 +33,15 @@ import argparse
 import dataclasses
 import json
 import multiprocessing
-import pathlib
-import platform
-import shlex
 import statistics
 import sys
 import time
 import uuid
 from typing import Any
 
-import psutil
-
-from . import servers
+from . import record, servers
 from .clients import Endpoint, Received, get_head, put_head, random_file, read_response, send_file
-from .load import IntegrityError
+from .record import IntegrityError
 from .resume import PATHS, cpu_ns, environment, read_head, recv_exact
 
 MIB = 1024 * 1024
@@ -340,38 +335,17 @@ def report(rows: list[Row], a: argparse.Namespace, argv: list[str] | None, secs:
             f"{r.mb_s_per_receiver:.0f} | {r.peak_rss_growth_mib:.1f} | "
             f"{', '.join(f'{c:.3f}' for c in r.per_round_cpu_s)} |"
         )
-    machine = (
-        f"{platform.machine()}, {psutil.cpu_count()} CPUs, "
-        f"{psutil.virtual_memory().total // 2**30} GiB, Python {platform.python_version()}, "
-        f"loop {a.loop}"
+    record.publish(
+        lines,
+        f"loop {a.loop}",
+        a.json,
+        "bench.fanout",
+        argv,
+        quick=a.quick,
+        seconds=secs,
+        rows=[dataclasses.asdict(r) for r in rows],
     )
-    lines += ["", f"machine: {machine}"]
-    print("\n".join(lines))
-    out = pathlib.Path(a.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "machine": machine,
-                "quick": a.quick,
-                "command": "python -m bench.fanout " + shlex.join(argv or []),
-                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "seconds": secs,
-                "rows": [dataclasses.asdict(r) for r in rows],
-            },
-            indent=2,
-        )
-    )
-
-
-def main() -> int:
-    try:
-        run(sys.argv[1:])
-    except IntegrityError as exc:
-        print(f"bench: INTEGRITY FAILURE: {exc}", file=sys.stderr)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(record.main(run))

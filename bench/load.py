@@ -47,12 +47,9 @@ from .clients import (
     read_response,
     send_file,
 )
+from .record import IntegrityError
 
 MIB = 1024 * 1024
-
-
-class IntegrityError(AssertionError):
-    pass
 
 
 @dataclasses.dataclass

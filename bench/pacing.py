@@ -30,26 +30,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import json
 import multiprocessing
 import pathlib
-import platform
-import shlex
 import socket
 import statistics
 import sys
 import time
 from typing import Any
 
-import psutil
-
 from fastrelay.core.chunked import ChunkedDecoder
 from fastrelay.core.pacing import parse_rate
 
-from . import servers
+from . import record, servers
 from .clients import RECV_BYTES, get_head, put_head, random_file, send_file
 from .fanout import mint_v2, put_doc
-from .load import IntegrityError
+from .record import IntegrityError
 from .resume import BUFFERED, cpu_ns, environment, metrics, read_head
 
 MIB = 1024 * 1024
@@ -391,38 +386,17 @@ def report(rows: list[Row], a: argparse.Namespace, argv: list[str] | None, secs:
             f"{r.paced_cpu_s_per_gib:.3f} | {r.unpaced_cpu_s_per_gib:.3f} | "
             f"**{r.paced_vs_unpaced_cpu:.2f}x** | {r.idle_cpu_s_per_gib:.3f} | {paced_s} |"
         )
-    machine = (
-        f"{platform.machine()}, {psutil.cpu_count()} CPUs, "
-        f"{psutil.virtual_memory().total // 2**30} GiB, Python {platform.python_version()}, "
-        f"loop {a.loop}"
+    record.publish(
+        lines,
+        f"loop {a.loop}",
+        a.json,
+        "bench.pacing",
+        argv,
+        quick=a.quick,
+        seconds=secs,
+        rows=[dataclasses.asdict(r) for r in rows],
     )
-    lines += ["", f"machine: {machine}"]
-    print("\n".join(lines))
-    out = pathlib.Path(a.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "machine": machine,
-                "quick": a.quick,
-                "command": "python -m bench.pacing " + shlex.join(argv or []),
-                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "seconds": secs,
-                "rows": [dataclasses.asdict(r) for r in rows],
-            },
-            indent=2,
-        )
-    )
-
-
-def main() -> int:
-    try:
-        run(sys.argv[1:])
-    except IntegrityError as exc:
-        print(f"bench: INTEGRITY FAILURE: {exc}", file=sys.stderr)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(record.main(run))

@@ -34,8 +34,6 @@ import json
 import multiprocessing
 import os
 import pathlib
-import platform
-import shlex
 import socket
 import statistics
 import struct
@@ -46,12 +44,12 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import psutil
 import uvloop
 
-from . import servers
+from . import record, servers
 from .clients import Endpoint, Received, get_head, random_file, read_response, send_file
-from .load import IntegrityError, raise_nofile
+from .load import raise_nofile
+from .record import IntegrityError
 
 MIB = 1024 * 1024
 KIB = 1024
@@ -753,38 +751,19 @@ def report(
             f"**{m.resumable_kib_per_relay:.2f}** |",
             "",
         ]
-    machine = (
-        f"{platform.machine()}, {psutil.cpu_count()} CPUs, "
-        f"{psutil.virtual_memory().total // 2**30} GiB, Python {platform.python_version()}, "
-        f"loop {args.loop}"
-    )
+    machine = record.machine(f"loop {args.loop}")
     lines.append(f"machine: {machine}")
     print("\n".join(lines))
-    out = pathlib.Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "machine": machine,
-                "quick": args.quick,
-                "command": "python -m bench.resume " + shlex.join(argv or []),
-                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "seconds": seconds,
-                **{k: [dataclasses.asdict(r) for r in v] for k, v in result.items()},
-            },
-            indent=2,
-        )
+    record.write_json(
+        args.json,
+        "bench.resume",
+        argv,
+        machine=machine,
+        quick=args.quick,
+        seconds=seconds,
+        **{k: [dataclasses.asdict(r) for r in v] for k, v in result.items()},
     )
-
-
-def main() -> int:
-    try:
-        run(sys.argv[1:])
-    except IntegrityError as exc:
-        print(f"bench: INTEGRITY FAILURE: {exc}", file=sys.stderr)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(record.main(run))

@@ -37,14 +37,11 @@ import ctypes.util
 import dataclasses
 import fcntl
 import hashlib
-import json
 import multiprocessing
 import os
-import pathlib
 import platform
 import resource
 import select
-import shlex
 import socket
 import statistics
 import sys
@@ -52,14 +49,11 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import psutil
+from . import record
+from .record import IntegrityError
 
 # No relay here: this module imports nothing of fastrelay (nor bench.load,
 # which does), so it runs while the package is mid-change.
-
-
-class IntegrityError(AssertionError):
-    pass
 
 
 MIB = 1024 * 1024
@@ -448,38 +442,17 @@ def report(
             + " | ".join(f"{r.mb_s_per_receiver[m]:.0f}" for m in modes)
             + " |"
         )
-    machine = (
-        f"{platform.machine()}, {psutil.cpu_count()} CPUs, "
-        f"{psutil.virtual_memory().total // 2**30} GiB, Python {platform.python_version()}, "
-        f"Linux {platform.release()}"
+    record.publish(
+        lines,
+        f"Linux {platform.release()}",
+        a.json,
+        "bench.tee_probe",
+        argv,
+        quick=a.quick,
+        seconds=secs,
+        rows=[dataclasses.asdict(r) for r in rows],
     )
-    lines += ["", f"machine: {machine}"]
-    print("\n".join(lines))
-    out = pathlib.Path(a.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "machine": machine,
-                "quick": a.quick,
-                "command": "python -m bench.tee_probe " + shlex.join(argv or []),
-                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "seconds": secs,
-                "rows": [dataclasses.asdict(r) for r in rows],
-            },
-            indent=2,
-        )
-    )
-
-
-def main() -> int:
-    try:
-        run(sys.argv[1:])
-    except IntegrityError as exc:
-        print(f"bench: INTEGRITY FAILURE: {exc}", file=sys.stderr)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(record.main(run))
