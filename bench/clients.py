@@ -14,6 +14,7 @@ import os
 import socket
 import ssl
 import time
+from typing import Any
 
 from fastrelay.core.chunked import ChunkedDecoder
 
@@ -184,3 +185,16 @@ def random_file(path: str, size: int) -> str:
             digest.update(block)
             left -= len(block)
     return digest.hexdigest()
+
+
+def reap(procs: list[Any], results: Any) -> None:
+    """Join forked clients (killing any still alive after 5 s) and close
+    their results queue: what every bench does once its transfer is over."""
+    for p in procs:
+        if p.pid is not None:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    results.close()
+    results.join_thread()

@@ -40,7 +40,16 @@ import uuid
 from typing import Any
 
 from . import record, servers
-from .clients import Endpoint, Received, get_head, put_head, random_file, read_response, send_file
+from .clients import (
+    Endpoint,
+    Received,
+    get_head,
+    put_head,
+    random_file,
+    read_response,
+    reap,
+    send_file,
+)
 from .record import IntegrityError
 from .resume import PATHS, cpu_ns, environment, read_head, recv_exact
 
@@ -175,14 +184,7 @@ def fan_transfer(
             f"(got {[(k, v[0]) for k, v in got.items() if k[0] != 'ready']}) [{exc!r}]"
         ) from None
     finally:
-        for p in procs:
-            if p.pid is not None:
-                p.join(5)
-                if p.is_alive():
-                    p.kill()
-                    p.join()
-        results.close()
-        results.join_thread()
+        reap(procs, results)
     label = f"{server.name}: N={n} {size} B"
     for i in range(n):
         rec, _ = got["get", i]

@@ -42,7 +42,7 @@ from fastrelay.core.chunked import ChunkedDecoder
 from fastrelay.core.pacing import parse_rate
 
 from . import record, servers
-from .clients import RECV_BYTES, get_head, put_head, random_file, send_file
+from .clients import RECV_BYTES, get_head, put_head, random_file, reap, send_file
 from .fanout import mint_v2, put_doc
 from .record import IntegrityError
 from .resume import BUFFERED, cpu_ns, environment, metrics, read_head
@@ -224,14 +224,7 @@ def paced_transfer(
             f"only {got} [{exc!r}]"
         ) from None
     finally:
-        for p in procs:
-            if p.pid is not None:
-                p.join(5)
-                if p.is_alive():
-                    p.kill()
-                    p.join()
-        results.close()
-        results.join_thread()
+        reap(procs, results)
     label = f"{server.name}: max_rate={rate} {size} B chunked={chunked}"
     rec = got["get"]
     if not isinstance(rec, Timed) or rec.status != 200 or rec.body_bytes != size:

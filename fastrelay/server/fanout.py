@@ -171,6 +171,7 @@ class FanOut(PacedSource):
         "_metrics",
         "_pinned",
         "_pins",
+        "_reframes",
         "_slots",
         "idle_timeout_s",
         "live",
@@ -228,6 +229,7 @@ class FanOut(PacedSource):
                     high=config.tls_write_high_bytes, low=config.tls_write_low_bytes
                 )
         self._pins = any(receiver.pins for receiver in self.receivers)
+        self._reframes = any(receiver.reframe for receiver in self.receivers)
         self._pacer = pacer
         if pacer is not None:
             pacer.on_ready = self._pace_ready
@@ -395,9 +397,9 @@ class FanOut(PacedSource):
             if self._hasher is not None:
                 for part in raw:
                     self._hasher.update(part)
-            # One list of parts for raw receivers, one for re-chunking ones;
-            # both are views of the same buffer.
-            chunked = [b"%x\r\n" % total, *raw, _CRLF]
+            # One list of parts for raw receivers, one (only if needed) for
+            # re-chunking ones; both are views of the same buffer.
+            chunked = [b"%x\r\n" % total, *raw, _CRLF] if self._reframes else raw
             for receiver in tuple(self.live):
                 if self._send(receiver, *(chunked if receiver.reframe else raw)):
                     receiver.delivered += total

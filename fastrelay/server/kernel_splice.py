@@ -114,9 +114,7 @@ class KernelPipe:
         self._on_done = on_done
         self._on_src_error = on_src_error
         self._on_dst_error = on_dst_error
-        self._pipe_r, self._pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        with contextlib.suppress(OSError):  # keep the default size if refused
-            fcntl.fcntl(self._pipe_w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        self._pipe_r, self._pipe_w = _sized_pipe()
         self._reading = False
         self._writing = False
         self._closed = False
@@ -137,11 +135,7 @@ class KernelPipe:
         if self._closed:
             return
         self._closed = True
-        if self._reading:
-            self._loop.remove_reader(self.src.fileno())
-        if self._writing:
-            self._loop.remove_writer(self.dst.fileno())
-        self._reading = self._writing = False
+        self._stop_polling()
         os.close(self._pipe_r)
         os.close(self._pipe_w)
         self.src.close()
@@ -154,7 +148,7 @@ class KernelPipe:
             self._want_read()
 
     def _stop_polling(self) -> None:
-        """Paced: neither socket is polled until `pace_ready`."""
+        """Neither socket is polled (paced: until `pace_ready`)."""
         if self._reading:
             self._loop.remove_reader(self.src.fileno())
             self._reading = False
@@ -184,12 +178,9 @@ class KernelPipe:
         while self._remaining and not self._paced:
             want = min(self._remaining, PIPE_BYTES)
             if pacer is not None:
-                want = min(want, pacer.allowance())
-                if want <= 0:
-                    # In debt (bytes read before the splice began): the
-                    # pacer's timer says when to go on.
-                    pacer.spent(0)
-                    self._paced = True
+                want = pacer.cap(want)
+                if not want:
+                    self._paced = True  # in debt: pacer.on_ready -> pace_ready
                     break
             try:
                 n = os.splice(src_fd, self._pipe_w, want, flags=_FLAGS)
@@ -429,10 +420,9 @@ class KernelTee:
         want = min(self._remaining, self._batch)
         pacer = self._pacer
         if pacer is not None:
-            want = min(want, pacer.allowance())
-            if want <= 0:
-                pacer.spent(0)  # in debt: its timer says when (pace_ready)
-                self._paced = True
+            want = pacer.cap(want)
+            if not want:
+                self._paced = True  # in debt: pacer.on_ready -> pace_ready
                 self._stop_reading()
                 return
         try:

@@ -96,6 +96,16 @@ class Pacer:
             return UNLIMITED
         return bucket.allowance(self._timer.clock())
 
+    def cap(self, want: int) -> int:
+        """``want`` bytes, or fewer if the bucket holds fewer. 0 when it is
+        in debt (bytes read before the pacer could cap them): the pause is
+        then armed, and ``on_ready`` says when to go on."""
+        allowed = self.allowance()
+        if allowed <= 0:
+            self.spent(0)
+            return 0
+        return min(want, allowed)
+
     def spent(self, nbytes: int) -> bool:
         """``nbytes`` moved. True: pause reading; ``on_ready`` says when to
         go on (one timer)."""

@@ -598,9 +598,20 @@ class Registry:
         ``max_rate`` (bytes/s, 0: none of its own). `ValueError` if they
         are out of range or combined as the contract does not allow.
         """
+        options = RelayOptions.checked(resumable, receivers, max_rate)
+        return self._create(workspace_id, source_exe_id, dest_exe_id, ttl, max_bytes, options)
+
+    def _create(
+        self,
+        workspace_id: str,
+        source_exe_id: str,
+        dest_exe_id: str,
+        ttl: float | None,
+        max_bytes: int,
+        options: RelayOptions,
+    ) -> Relay:
         if self.shared is not None:
             raise RuntimeError("this registry counts slots in a shared ledger: await mint()")
-        options = RelayOptions.checked(resumable, receivers, max_rate)
         ttl_s = self._check_mint(workspace_id, source_exe_id, dest_exe_id, ttl)
         relay = self._new_relay(
             new_ticket(), workspace_id, source_exe_id, dest_exe_id, max_bytes, ttl_s, options
@@ -626,21 +637,23 @@ class Registry:
     ) -> Minted:
         """What the mint endpoint does, when no shared ledger is attached:
         a signed ticket with ``keys``, else a random one with its relay."""
+        options = RelayOptions.checked(resumable, receivers, max_rate)
+        return self._mint_now(workspace_id, source_exe_id, dest_exe_id, ttl, max_bytes, options)
+
+    def _mint_now(
+        self,
+        workspace_id: str,
+        source_exe_id: str,
+        dest_exe_id: str,
+        ttl: float | None,
+        max_bytes: int,
+        options: RelayOptions,
+    ) -> Minted:
         if self.keys is None:
-            relay = self.create(
-                workspace_id,
-                source_exe_id,
-                dest_exe_id,
-                ttl,
-                max_bytes,
-                resumable=resumable,
-                receivers=receivers,
-                max_rate=max_rate,
-            )
+            relay = self._create(workspace_id, source_exe_id, dest_exe_id, ttl, max_bytes, options)
             return Minted(relay.ticket, relay.expires_at, relay)
         if self.shared is not None:
             raise RuntimeError("this registry counts slots in a shared ledger: await mint()")
-        options = RelayOptions.checked(resumable, receivers, max_rate)
         ttl_s = self._check_mint(workspace_id, source_exe_id, dest_exe_id, ttl)
         ticket, claims, expires_at = self._sign(
             workspace_id, source_exe_id, dest_exe_id, max_bytes, ttl_s, options
@@ -664,19 +677,10 @@ class Registry:
     ) -> Minted:
         """`mint_now`, counting the slot in the shared ledger when one is
         attached (raises `ClusterUnavailable` when it cannot be reached)."""
+        options = RelayOptions.checked(resumable, receivers, max_rate)
         shared = self.shared
         if shared is None:
-            return self.mint_now(
-                workspace_id,
-                source_exe_id,
-                dest_exe_id,
-                ttl,
-                max_bytes,
-                resumable=resumable,
-                receivers=receivers,
-                max_rate=max_rate,
-            )
-        options = RelayOptions.checked(resumable, receivers, max_rate)
+            return self._mint_now(workspace_id, source_exe_id, dest_exe_id, ttl, max_bytes, options)
         ttl_s = self._check_mint(workspace_id, source_exe_id, dest_exe_id, ttl, local_caps=False)
         if self.keys is not None:
             ticket, claims, expires_at = self._sign(
